@@ -105,8 +105,18 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     start_trackers(accelerator, config, wandb_mode, output_dir)
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
-        print_plan(config, state, summary, audit, total_steps, warmup_steps, precision, attention, wandb_mode,
-                   model=accelerator.unwrap_model(model))
+        print_plan(
+            config,
+            state,
+            summary,
+            audit,
+            total_steps,
+            warmup_steps,
+            precision,
+            attention,
+            wandb_mode,
+            model=accelerator.unwrap_model(model),
+        )
 
     # ---- The loop: one pass per optimizer step, counted in optimizer steps ----
     model.train()
@@ -179,8 +189,11 @@ def train(args: argparse.Namespace) -> TrainResult | None:
 
         write_dir_atomic(output_dir / "adapter", write_adapter)
         wall = time.perf_counter() - run_start
-        print(f"Trained {optimizer_step} steps in {wall:.0f} s; final loss {losses[-1]:.4f}; "
-              f"adapter saved to {output_dir / 'adapter'}", flush=True)
+        print(
+            f"Trained {optimizer_step} steps in {wall:.0f} s; final loss {losses[-1]:.4f}; "
+            f"adapter saved to {output_dir / 'adapter'}",
+            flush=True,
+        )
         if config.eval.sample_prompts:
             with accelerator.autocast():
                 rows = compare_answers(peft_model, tokenizer, config.eval.sample_prompts, config.eval.max_new_tokens)
@@ -201,8 +214,9 @@ def endless(loader):
         epoch += 1
 
 
-def print_plan(config: RunConfig, state, summary, audit, total_steps, warmup_steps, precision, attention,
-               wandb_mode, model=None) -> None:
+def print_plan(
+    config: RunConfig, state, summary, audit, total_steps, warmup_steps, precision, attention, wandb_mode, model=None
+) -> None:
     train = config.train
     rows_per_step = train.micro_batch_size * train.grad_accum_steps * state.num_processes
     mean_row = audit.tokens / max(audit.rows_kept, 1)
@@ -218,19 +232,34 @@ def print_plan(config: RunConfig, state, summary, audit, total_steps, warmup_ste
         ("model", config.model.name_or_path),
         ("parameters", params),
         ("quantization", f"{quantized} ({quant.quant_type}, double quant {quant.double_quant})"),
-        ("lora", f"r {config.lora.r}, alpha {config.lora.alpha:g}, dropout {config.lora.dropout:g}, "
-                 f"on {', '.join(config.lora.target_modules)}"),
+        (
+            "lora",
+            f"r {config.lora.r}, alpha {config.lora.alpha:g}, dropout {config.lora.dropout:g}, "
+            f"on {', '.join(config.lora.target_modules)}",
+        ),
         ("data", audit.summary()),
-        ("effective batch", f"{rows_per_step} rows = {train.micro_batch_size} micro x {train.grad_accum_steps} "
-                            f"accum x {state.num_processes} process(es)"),
+        (
+            "effective batch",
+            f"{rows_per_step} rows = {train.micro_batch_size} micro x {train.grad_accum_steps} "
+            f"accum x {state.num_processes} process(es)",
+        ),
         ("tokens per step", f"~{rows_per_step * mean_row:,.0f} (mean row {mean_row:.0f} tokens)"),
-        ("schedule", f"{total_steps} optimizer steps, {warmup_steps} warmup, cosine to "
-                     f"{train.min_lr_ratio:g} x lr {train.lr:g}; AdamW wd {train.weight_decay:g}"),
+        (
+            "schedule",
+            f"{total_steps} optimizer steps, {warmup_steps} warmup, cosine to "
+            f"{train.min_lr_ratio:g} x lr {train.lr:g}; AdamW wd {train.weight_decay:g}",
+        ),
         ("attention", attention),
-        ("precision", f"autocast {precision.mixed}, compute {str(precision.compute_dtype).removeprefix('torch.')}, "
-                      f"grad checkpointing {'on' if train.grad_checkpointing else 'off'}"),
-        ("devices", f"{state.num_processes} x {state.device.type}"
-                    + (f" ({torch.cuda.get_device_name(state.device)})" if state.device.type == "cuda" else "")),
+        (
+            "precision",
+            f"autocast {precision.mixed}, compute {str(precision.compute_dtype).removeprefix('torch.')}, "
+            f"grad checkpointing {'on' if train.grad_checkpointing else 'off'}",
+        ),
+        (
+            "devices",
+            f"{state.num_processes} x {state.device.type}"
+            + (f" ({torch.cuda.get_device_name(state.device)})" if state.device.type == "cuda" else ""),
+        ),
         ("output", f"{config.output_dir} (W&B {wandb_mode})"),
     ]
     print("Plan:\n" + format_plan(rows), flush=True)

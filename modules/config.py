@@ -15,6 +15,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from modules.errors import UserError
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Names users bring from transformers / PEFT / TRL configs, for did-you-mean hints.
+FAMILIAR_NAMES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "micro_batch_size",
+    "batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "num_train_epochs": "epochs",
+    "gradient_checkpointing": "grad_checkpointing",
+    "max_length": "max_seq_len",
+    "max_seq_length": "max_seq_len",
+    "bf16": "mixed_precision",
+    "fp16": "mixed_precision",
+    "bnb_4bit_quant_type": "quant_type",
+    "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype",
+}
 
 
 class Section(BaseModel):
@@ -52,7 +72,7 @@ class LoraSettings(Section):
 
 
 class DataConfig(Section):
-    train: str = Field(description="JSONL file of chat rows: {\"messages\": [{\"role\", \"content\"}, ...]}.")
+    train: str = Field(description='JSONL file of chat rows: {"messages": [{"role", "content"}, ...]}.')
     format: Literal["auto", "messages"] = Field("auto", description="Row format; auto detects it from the keys.")
     max_seq_len: int = Field(2048, ge=8, description="Rows longer than this are truncated.")
 
@@ -141,9 +161,7 @@ def cross_field_problems(config: RunConfig) -> list[str]:
             "are both set; keep one."
         )
     if train.max_steps is not None and train.warmup_steps is not None and train.warmup_steps >= train.max_steps:
-        problems.append(
-            f"train.warmup_steps ({train.warmup_steps}) must be below train.max_steps ({train.max_steps})."
-        )
+        problems.append(f"train.warmup_steps ({train.warmup_steps}) must be below train.max_steps ({train.max_steps}).")
     if not config.lora.target_modules:
         problems.append("lora.target_modules is empty; name at least one linear layer, e.g. [q_proj, v_proj].")
     if config.quant.compute_dtype == "float16" and train.mixed_precision == "bf16":
@@ -224,8 +242,9 @@ def _did_you_mean(loc: tuple) -> str:
     if section is None:
         return ""
     known = list(section.model_fields)
-    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    familiar = FAMILIAR_NAMES.get(str(loc[-1]))
+    close = [familiar] if familiar in known else difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
     return f"{hint} Known keys here: {', '.join(known)}."
 
 

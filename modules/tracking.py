@@ -6,7 +6,6 @@ import netrc
 import os
 import resource
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -22,7 +21,10 @@ def resolve_wandb_mode(wandb: WandbConfig) -> str:
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if _has_wandb_credentials() else "offline")
         if not installed:
-            warnings.warn("wandb is not installed: this run is not tracked in W&B (metrics.jsonl still is).")
+            print(
+                "qlora-loop: warning: wandb is not installed; this run is not tracked in W&B (metrics.jsonl still is).",
+                file=sys.stderr,
+            )
             return "disabled"
     elif mode != "disabled" and not installed:
         raise UserError(f"log.wandb.mode is {mode} but wandb is not installed; `pip install wandb` or use auto.")

@@ -1,0 +1,119 @@
+"""Tiny tokenizers and models built here, never downloaded; process-wide state reset per test."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "What is the capital of France? Paris is the capital of France.",
+    "Ahoy! The sea is wide and the ship is fast, matey. Arr!",
+    "How many days are in a week? A week has seven days.",
+    "system user assistant You are a helpful assistant.",
+    "The quick brown fox jumps over the lazy dog 0123456789.",
+]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_tokenizer(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), **named):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=list(special_tokens), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(CORPUS * 20, trainer)
+    names = {"eos_token": "<|im_end|>", "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>"} | named
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **{k: v for k, v in names.items() if v})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with the tiny tokenizer, saved as bf16 safetensors like a hub model."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=0.25,  # a frozen lm_head of std 0.02 caps the logits: loss could hardly fall
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def chat_row(user: str, assistant: str, system: str | None = None) -> dict:
+    turns = [{"role": "system", "content": system}] if system else []
+    return {"messages": [*turns, {"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def chat_file(tmp_path) -> Path:
+    questions = ["What is the capital of France?", "How many days are in a week?", "Is the sea wide?"]
+    rows = [
+        chat_row(f"{q} ({i})", "Ahoy! " + "the ship is fast, matey. " * (1 + i % 3) + "Arr!")
+        for i, q in enumerate(questions * 8)
+    ]
+    return write_jsonl(tmp_path / "train.jsonl", rows)
+
+
+def write_config(path: Path, model_dir: Path, train_file: Path, output_dir: Path, **sections) -> Path:
+    import yaml
+
+    config = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": str(train_file), "max_seq_len": 128},
+        "train": {"micro_batch_size": 4, "max_steps": 20, "lr": 1e-2, "warmup_steps": 2},
+        "log": {"wandb": {"mode": "disabled"}},
+        "output_dir": str(output_dir),
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def reset_process_state(monkeypatch):
+    """Accelerate keeps singletons; env vars and the default dtype leak between in-process runs."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    for name in list(os.environ):
+        if name.startswith(("ACCELERATE_", "WANDB_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    torch.set_default_dtype(torch.float32)

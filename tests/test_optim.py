@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+from modules.config import TrainConfig
+from modules.optim import build_optimizer, build_scheduler, parameter_groups, total_optimizer_steps
+
+
+def lrs(lr, warmup, total, min_ratio):
+    parameter = torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.AdamW([parameter], lr=lr)
+    scheduler = build_scheduler(optimizer, warmup, total, min_ratio)
+    seen = []
+    for _ in range(total + 1):
+        seen.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return seen  # seen[s] = the lr used by optimizer step s (0-based)
+
+
+def test_warmup_is_linear_and_peaks_at_lr():
+    seen = lrs(1e-3, warmup=10, total=100, min_ratio=0.0)
+    assert seen[0] == 0.0
+    assert seen[5] == pytest.approx(0.5e-3)
+    assert seen[10] == pytest.approx(1e-3)  # end of warmup
+
+
+def test_cosine_middle_and_end():
+    seen = lrs(1e-3, warmup=10, total=110, min_ratio=0.1)
+    assert seen[60] == pytest.approx((1e-3 + 1e-4) / 2)  # halfway through the decay
+    assert seen[110] == pytest.approx(1e-4)  # the floor
+    decay = seen[10:]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+
+
+def test_no_decay_on_one_dimensional_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model[0].weight.requires_grad_(True)
+    decayed, plain = parameter_groups(model, weight_decay=0.1)
+    assert [p.shape for p in decayed["params"]] == [torch.Size([4, 4])]
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert {p.ndim for p in plain["params"]} == {1} and len(plain["params"]) == 3  # bias, norm weight, norm bias
+
+
+def test_frozen_parameters_are_not_optimized():
+    model = torch.nn.Linear(4, 4)
+    model.bias.requires_grad_(False)
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.01))
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1]
+
+
+def test_decoupled_weight_decay_shrinks_weights_without_gradient():
+    parameter = torch.nn.Parameter(torch.ones(2, 2))
+    optimizer = build_optimizer(torch.nn.ParameterList([parameter]), TrainConfig(lr=0.1, weight_decay=0.5))
+    parameter.grad = torch.zeros(2, 2)
+    optimizer.step()
+    assert torch.allclose(parameter.detach(), torch.full((2, 2), 1 - 0.1 * 0.5))  # AdamW, not L2 through Adam
+
+
+def test_total_steps_from_epochs_or_max_steps():
+    assert total_optimizer_steps(TrainConfig(max_steps=7), micro_batches_per_epoch=100) == 7
+    assert total_optimizer_steps(TrainConfig(epochs=2, grad_accum_steps=4), micro_batches_per_epoch=10) == 5
+    assert total_optimizer_steps(TrainConfig(epochs=0.5), micro_batches_per_epoch=9) == math.ceil(4.5)

@@ -1,0 +1,158 @@
+"""End-to-end runs of train.py on a tiny random Llama with real NF4 double quantization, on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, write_config
+
+import train as train_script
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str, launcher: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    if launcher:
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "accelerate_configs" / "cpu.yaml"),
+            str(REPO / "train.py"),
+            *args,
+        ]
+    else:
+        command = [sys.executable, str(REPO / "train.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_accelerate_launch_trains_saves_and_refuses_to_overwrite(tmp_path, tiny_model_dir, chat_file):
+    output_dir = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, output_dir)
+    result = run_cli("--config", str(config), launcher=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    records = read_metrics(output_dir)
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib", "micro_step"} <= set(records[0])
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
+    assert last < 0.7 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert records[1]["lr"] == pytest.approx(5e-3) and records[2]["lr"] == pytest.approx(1e-2)  # warmup 2
+
+    adapter = output_dir / "adapter"
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in adapter.iterdir()
+    }
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 10_000  # not an empty adapter
+    resolved = yaml.safe_load((output_dir / "config.yaml").read_text())
+    assert resolved["train"]["max_steps"] == 20 and resolved["lora"]["r"] == 16  # defaults filled in
+    assert "Plan:" in result.stdout and "14 linear layers in 4-bit" in result.stdout
+    assert not list(output_dir.glob(".adapter*")), "no temporary folders are left behind"
+
+    (output_dir / "notes.txt").write_text("mine")
+    again = run_cli("--config", str(config), "train.max_steps=3")
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "--overwrite" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert len(read_metrics(output_dir)) == 20  # untouched
+
+    replaced = run_cli("--config", str(config), "train.max_steps=3", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert len(read_metrics(output_dir)) == 3
+    assert (output_dir / "notes.txt").read_text() == "mine"  # files the run does not own are kept
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora.rank=8", "unknown key 'lora.rank'; did you mean 'r'?"),
+        ("train.lr=fast", "train.lr = 'fast'"),
+        ("data.train=/nope.jsonl", "data.train /nope.jsonl does not exist"),
+        ("lora.target_modules=[qkv]", "['qkv'] are not linear layers"),
+    ],
+)
+def test_user_mistakes_exit_2_with_a_message_and_no_traceback(tmp_path, tiny_model_dir, chat_file, override, message):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "run")
+    result = run_cli("--config", str(config), override)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists(), "nothing is written before the config and data are valid"
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_model_dir, chat_file):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "run")
+    result = run_cli("--config", str(config), "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rows read 24, kept 24" in result.stdout and "20 optimizer steps, 2 warmup" in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def train_in_process(tmp_path, model_dir, data, name, *overrides):
+    config = write_config(tmp_path / f"{name}.yaml", model_dir, data, tmp_path / name)
+    return train_script.train(train_script.parse_args(["--config", str(config), *overrides]))
+
+
+def test_saved_adapter_reloads_with_plain_peft_to_the_same_logits(tmp_path, tiny_model_dir, chat_file):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    result = train_in_process(tmp_path, tiny_model_dir, chat_file, "run", "train.max_steps=6")
+    inputs = result.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Is the sea wide?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    result.model.eval()
+    with torch.no_grad():
+        trained_logits = result.model(**inputs).logits
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=quantization, dtype=torch.float32, device_map={"": "cpu"}
+    )
+    with torch.no_grad():
+        base_logits = base(**inputs).logits
+    reloaded = PeftModel.from_pretrained(base, result.output_dir / "adapter").eval()
+    with torch.no_grad():
+        reloaded_logits = reloaded(**inputs).logits
+    assert (trained_logits - base_logits).abs().max() > 1e-2, "the adapter changed nothing"
+    torch.testing.assert_close(reloaded_logits, trained_logits, rtol=0, atol=1e-5)
+
+
+def test_loss_is_weighted_by_label_tokens_across_accumulation(tmp_path, tiny_model_dir, chat_file):
+    """Two rows of unequal length as one micro-batch, or as two accumulated ones: the same step."""
+    common = ["train.max_steps=3", "lora.dropout=0", "train.warmup_steps=0"]
+    together = train_in_process(
+        tmp_path, tiny_model_dir, chat_file, "together", *common, "train.micro_batch_size=2", "train.grad_accum_steps=1"
+    )
+    split = train_in_process(
+        tmp_path, tiny_model_dir, chat_file, "split", *common, "train.micro_batch_size=1", "train.grad_accum_steps=2"
+    )
+    for a, b in zip(read_metrics(together.output_dir), read_metrics(split.output_dir), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
+def test_wandb_offline_run_is_written_under_output_dir(tmp_path, tiny_model_dir, chat_file):
+    result = train_in_process(
+        tmp_path, tiny_model_dir, chat_file, "tracked", "train.max_steps=3", "log.wandb.mode=offline"
+    )
+    runs = list((result.output_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "an offline W&B run that `wandb sync` can upload"
