@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from modules.errors import UserError
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_WARMUP_RATIO = 0.03
 # Names users bring from transformers / PEFT / TRL configs, for did-you-mean hints.
 FAMILIAR_NAMES = {
     "rank": "r",
@@ -87,7 +88,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay; never applied to 1-D params.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup in optimizer steps.")
-    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a fraction of all steps.")
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="Warmup as a fraction of all steps; with neither warmup key set, 0.03."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (the norm is logged).")
     grad_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant).")
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
@@ -129,7 +132,8 @@ class RunConfig(Section):
     def warmup_steps_for(self, total_steps: int) -> int:
         if self.train.warmup_steps is not None:
             return self.train.warmup_steps
-        return math.ceil((self.train.warmup_ratio or 0.0) * total_steps)
+        ratio = DEFAULT_WARMUP_RATIO if self.train.warmup_ratio is None else self.train.warmup_ratio
+        return math.ceil(ratio * total_steps)
 
 
 def load_config(path: Path, overrides: list[str]) -> RunConfig:
@@ -252,3 +256,24 @@ def _describe(loc: tuple) -> str:
     section = _section_for(loc)
     field = section.model_fields.get(str(loc[-1])) if section else None
     return (field.description or "") if field else ""
+
+
+def reference_table() -> str:
+    """The config reference as a Markdown table, generated from the field docs (kept in the README)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(section: type[BaseModel], prefix: str) -> None:
+        for name, field in section.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            if field.is_required():
+                default = "required"
+            else:
+                value = field.get_default(call_default_factory=True)
+                default = f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            lines.append(f"| `{prefix}{name}` | {default} | {(field.description or '').replace('|', '/')} |")
+
+    walk(RunConfig, "")
+    return "\n".join(lines)

@@ -51,7 +51,11 @@ def build_train_dataset(data: DataConfig, tokenizer):
     audit = DataAudit(rows_read=len(rows))
 
     def tokenize(row, index):
-        messages = check_messages(row.get("messages"), f"{data.train} row {index + 1}")
+        where = f"{data.train} row {index + 1}"
+        if not isinstance(row.get("messages"), list):
+            found = ", ".join(key for key, value in row.items() if value is not None)
+            raise UserError(f"{where}: expected chat rows with a 'messages' list; keys found: {found}.")
+        messages = check_messages(row["messages"], where)
         input_ids, labels = tokenize_conversation(messages, tokenizer)
         truncated = len(input_ids) > data.max_seq_len
         input_ids, labels = input_ids[: data.max_seq_len], labels[: data.max_seq_len]

@@ -95,3 +95,9 @@ def test_every_shipped_config_validates(path):
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("#") and "train.py" in first_line, "configs open with the command that runs them"
     assert yaml.safe_load(path.read_text())  # not empty
+
+
+def test_readme_config_reference_matches_the_config_tree():
+    from modules.config import reference_table
+
+    assert reference_table() in (REPO / "README.md").read_text(), "regenerate the README table from reference_table()"

@@ -65,7 +65,8 @@ def test_a_dataset_with_nothing_trainable_is_refused(tmp_path, tokenizer):
     [
         ([chat_row("a", "b"), "{not json"], r"rows.jsonl line 2: not valid JSON"),
         ([chat_row("a", "b"), "[1, 2]"], r"line 2: each line must be a JSON object"),
-        ([{"text": "hello"}], r"row 1: needs a non-empty 'messages' list"),
+        ([{"text": "hello"}], r"row 1: expected chat rows with a 'messages' list; keys found: text"),
+        ([{"messages": []}], r"row 1: needs a non-empty 'messages' list"),
         ([{"messages": [{"role": "pirate", "content": "arr"}]}], r"row 1, turn 1: unknown role 'pirate'"),
         ([{"messages": [{"role": "user", "content": "only a question"}]}], r"row 1: has no assistant turn"),
         ([{"messages": [{"role": "user", "content": 3}]}], r"turn 1: each turn needs a 'role' and a string"),

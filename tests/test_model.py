@@ -113,3 +113,13 @@ def test_unquantized_weights_stay_in_the_compute_dtype_and_lora_in_fp32(tiny_mod
     assert inner.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
     assert inner.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
     assert not inner.is_gradient_checkpointing
+
+
+def test_plain_lora_twin_loads_without_quantization(tiny_model_dir):
+    config = run_config(tiny_model_dir)
+    config.quant.load_in_4bit = False
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_model(config, str(tiny_model_dir), tokenizer, Precision("no", torch.float32), "sdpa", CPU)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer) is torch.nn.Linear
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
