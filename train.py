@@ -55,11 +55,12 @@ class TrainResult:
 
 def train(args: argparse.Namespace) -> TrainResult | None:
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, parse_flag_from_env, set_seed
 
     # ---- Setup: everything a user can get wrong is checked here, before any weight loads ----
     config = load_config(args.config, args.overrides)
-    state = PartialState()
+    use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")  # set by a launcher config with use_cpu: true
+    state = PartialState(cpu=use_cpu)
     precision = resolve_precision(config, state.device)
     attention = resolve_attention(config, state.device, precision)
     wandb_mode = resolve_wandb_mode(config.log.wandb)
@@ -82,6 +83,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     state.wait_for_everyone()
 
     accelerator = Accelerator(
+        cpu=use_cpu,
         mixed_precision=precision.mixed,
         # Micro-batches of a step are fetched up front, so syncing must not follow epoch ends.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
@@ -180,7 +182,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
 
     # ---- The end: save the adapter atomically, show what changed, close the trackers ----
     accelerator.wait_for_everyone()
-    peft_model = accelerator.unwrap_model(model)
+    peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # the plain PEFT model again
     if accelerator.is_main_process:
 
         def write_adapter(folder: Path) -> None:

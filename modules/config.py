@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from modules.errors import UserError
 
@@ -97,6 +97,11 @@ class TrainConfig(Section):
         "auto", description="auto: bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, no on CPU."
     )
     seed: int = Field(42, description="Seed of data order, LoRA init and dropout.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value):
+        return "no" if value is False else value  # YAML reads an unquoted `no` as false
 
 
 class EvalConfig(Section):

@@ -81,7 +81,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def chat_file(tmp_path) -> Path:
     questions = ["What is the capital of France?", "How many days are in a week?", "Is the sea wide?"]
     rows = [
-        chat_row(f"{q} ({i})", "Ahoy! " + "the ship is fast, matey. " * (1 + i % 3) + "Arr!")
+        chat_row(f"{q} ({i})", "Ahoy! " + "the ship is fast, matey. " * (1 + 3 * (i % 3)) + "Arr!")
         for i, q in enumerate(questions * 8)
     ]
     return write_jsonl(tmp_path / "train.jsonl", rows)

@@ -36,6 +36,12 @@ def test_overrides_are_yaml_typed_and_nested(tmp_path):
     assert config.log.wandb.mode == "offline"
 
 
+def test_unquoted_no_means_no_mixed_precision(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + "train: {mixed_precision: no}\n"), [])
+    assert config.train.mixed_precision == "no"
+    assert load_config(write(tmp_path, MINIMAL), ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
 def test_unknown_key_suggests_the_close_one(tmp_path):
     with pytest.raises(UserError, match=r"unknown key 'train.micro_batch_sise'; did you mean 'micro_batch_size'\?"):
         load_config(write(tmp_path, MINIMAL + "train: {micro_batch_sise: 2}\n"), [])

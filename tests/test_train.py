@@ -16,9 +16,9 @@ import train as train_script
 pytestmark = pytest.mark.slow
 
 
-def run_cli(*args: str, launcher: bool = False) -> subprocess.CompletedProcess:
+def run_cli(*args: str, launcher: bool = False, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
-    env["PYTHONUNBUFFERED"] = "1"
+    env.update(PYTHONUNBUFFERED="1", **extra_env)
     if launcher:
         command = [
             sys.executable,
@@ -90,6 +90,13 @@ def test_user_mistakes_exit_2_with_a_message_and_no_traceback(tmp_path, tiny_mod
     assert not (tmp_path / "run").exists(), "nothing is written before the config and data are valid"
 
 
+def test_launcher_and_run_config_disagreeing_on_precision_is_refused(tmp_path, tiny_model_dir, chat_file):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "run")
+    result = run_cli("--config", str(config), "train.mixed_precision=bf16", ACCELERATE_MIXED_PRECISION="fp16")
+    assert result.returncode == 2 and "launcher asks for mixed_precision fp16" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_model_dir, chat_file):
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "run")
     result = run_cli("--config", str(config), "--dry-run")
@@ -108,12 +115,14 @@ def test_saved_adapter_reloads_with_plain_peft_to_the_same_logits(tmp_path, tiny
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     result = train_in_process(tmp_path, tiny_model_dir, chat_file, "run", "train.max_steps=6")
+    device = result.model.device  # the CPU here; the GPU when the suite runs on one
+    compute_dtype = result.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.compute_dtype
     inputs = result.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Is the sea wide?"}],
         add_generation_prompt=True,
         return_tensors="pt",
         return_dict=True,
-    )
+    ).to(device)
     result.model.eval()
     with torch.no_grad():
         trained_logits = result.model(**inputs).logits
@@ -122,10 +131,10 @@ def test_saved_adapter_reloads_with_plain_peft_to_the_same_logits(tmp_path, tiny
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
     base = AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir, quantization_config=quantization, dtype=torch.float32, device_map={"": "cpu"}
+        tiny_model_dir, quantization_config=quantization, dtype=compute_dtype, device_map={"": device}
     )
     with torch.no_grad():
         base_logits = base(**inputs).logits
@@ -138,7 +147,8 @@ def test_saved_adapter_reloads_with_plain_peft_to_the_same_logits(tmp_path, tiny
 
 def test_loss_is_weighted_by_label_tokens_across_accumulation(tmp_path, tiny_model_dir, chat_file):
     """Two rows of unequal length as one micro-batch, or as two accumulated ones: the same step."""
-    common = ["train.max_steps=3", "lora.dropout=0", "train.warmup_steps=0"]
+    # fp32 on any device: this checks the loss arithmetic, not bf16 rounding of differently shaped batches
+    common = ["train.max_steps=3", "lora.dropout=0", "train.warmup_steps=0", "train.mixed_precision=no"]
     together = train_in_process(
         tmp_path, tiny_model_dir, chat_file, "together", *common, "train.micro_batch_size=2", "train.grad_accum_steps=1"
     )
