@@ -176,7 +176,10 @@ def load_model(config: RunConfig, source: str, tokenizer, precision: Precision, 
         attn_implementation=attention,
     )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        # Only when a <|pad|> had to be added. Exactly len(tokenizer) rows, as PEFT's
+        # AutoPeftModelForCausalLM resizes the base on reload; PEFT then saves the resized
+        # embedding and lm_head with the adapter.
+        model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if config.train.grad_checkpointing:

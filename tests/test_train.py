@@ -166,3 +166,47 @@ def test_wandb_offline_run_is_written_under_output_dir(tmp_path, tiny_model_dir,
     )
     runs = list((result.output_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "an offline W&B run that `wandb sync` can upload"
+
+
+def test_a_model_without_a_spare_token_gets_a_new_pad_and_still_reloads(tmp_path, chat_file):
+    from conftest import build_tokenizer
+    from peft import AutoPeftModelForCausalLM
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(special_tokens=("<|im_start|>", "<|im_end|>"), unk_token=None)  # pad = eos only
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model_dir = tmp_path / "no-spare-token"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    result = train_in_process(tmp_path, model_dir, chat_file, "run", "train.max_steps=3")
+    assert result.tokenizer.pad_token == "<|pad|>" and result.tokenizer.pad_token_id != result.tokenizer.eos_token_id
+    assert result.model.get_input_embeddings().num_embeddings == len(tokenizer) + 1
+
+    inputs = result.tokenizer("<|im_start|>user\nIs the sea wide?", return_tensors="pt").to(result.model.device)
+    result.model.eval()
+    with torch.no_grad():
+        trained_logits = result.model(**inputs).logits
+    compute_dtype = result.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.compute_dtype
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(
+        result.output_dir / "adapter",
+        quantization_config=quantization,
+        dtype=compute_dtype,
+        device_map={"": result.model.device},
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, trained_logits, rtol=0, atol=1e-5)
