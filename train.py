@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from modules.card import model_card
 from modules.checkpoint import claim_output_dir, write_dir_atomic, write_text_atomic
 from modules.config import RunConfig, dump_config, load_config
 from modules.data import IGNORE_INDEX, PaddingCollator, build_train_dataset
@@ -184,13 +185,16 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     accelerator.wait_for_everyone()
     peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # the plain PEFT model again
     if accelerator.is_main_process:
+        wall = time.perf_counter() - run_start
+        rows_per_step = config.train.micro_batch_size * accum * accelerator.num_processes
 
         def write_adapter(folder: Path) -> None:
             peft_model.save_pretrained(folder, safe_serialization=True)
             tokenizer.save_pretrained(folder)
+            card = model_card(config, audit, optimizer_step, losses, wall, rows_per_step)
+            (folder / "README.md").write_text(card)  # replaces PEFT's empty template
 
         write_dir_atomic(output_dir / "adapter", write_adapter)
-        wall = time.perf_counter() - run_start
         print(
             f"Trained {optimizer_step} steps in {wall:.0f} s; final loss {losses[-1]:.4f}; "
             f"adapter saved to {output_dir / 'adapter'}",

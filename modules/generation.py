@@ -1,34 +1,66 @@
-"""Greedy answers to chat prompts, from the tuned model and from its base (adapter disabled)."""
+"""Answers from a chat model: streamed replies, and base-vs-tuned comparisons (adapter disabled)."""
+
+import re
+from dataclasses import dataclass
 
 import torch
 
 
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    greedy: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+
+GREEDY = GenerationSettings(greedy=True)
+
+
 @torch.no_grad()
-def answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+def reply(model, tokenizer, messages: list[dict], settings: GenerationSettings, streamer=None) -> str:
+    """The assistant's next turn for `messages`, rendered with the tokenizer's chat template."""
     inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     ).to(model.device)
+    sampling = {} if settings.greedy else {"temperature": settings.temperature, "top_p": settings.top_p}
     output = model.generate(
         **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=not settings.greedy,
+        **sampling,
         use_cache=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        streamer=streamer,
     )
     new_tokens = output[0, inputs["input_ids"].shape[1] :]
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
 def compare_answers(peft_model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    """One row per prompt: the base model's answer and the tuned model's, both greedy."""
+    """One row per prompt: the base model's greedy answer and the tuned model's."""
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, greedy=True)
     was_training = peft_model.training
     peft_model.eval()
     rows = []
     for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}]
         with peft_model.disable_adapter():
-            base = answer(peft_model, tokenizer, prompt, max_new_tokens)
-        tuned = answer(peft_model, tokenizer, prompt, max_new_tokens)
+            base = reply(peft_model, tokenizer, messages, settings)
+        tuned = reply(peft_model, tokenizer, messages, settings)
         rows.append({"prompt": prompt, "base": base, "tuned": tuned})
     peft_model.train(was_training)
     return rows
+
+
+def behaviour_rates(rows: list[dict], expect: list[str | None]) -> dict[str, tuple[int, int]] | None:
+    """How many base and tuned answers match their prompt's `expect` regex: {"base": (hits, n), ...}."""
+    checked = [(row, pattern) for row, pattern in zip(rows, expect, strict=True) if pattern]
+    if not checked:
+        return None
+    for row, pattern in checked:
+        row["expect"] = pattern
+        row["base_ok"] = re.search(pattern, row["base"]) is not None
+        row["tuned_ok"] = re.search(pattern, row["tuned"]) is not None
+    return {side: (sum(row[f"{side}_ok"] for row, _ in checked), len(checked)) for side in ("base", "tuned")}

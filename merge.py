@@ -1,0 +1,66 @@
+"""Merge a trained adapter into its base model and save a plain transformers model.
+
+    python merge.py runs/demo/adapter runs/demo/merged [--base PATH] [--dtype bf16|fp16|fp32]
+
+The base loads unquantized (bf16 by default), never in 4-bit: merging into 4-bit weights would
+round the update away (peft#2321). The result is safetensors shards, config, generation config and
+tokenizer with chat template, loadable with AutoModelForCausalLM and no peft. Note that training
+saw the NF4-rounded base; the merged model adds the update to the exact base instead.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from modules.adapter import inspect_adapter, load_with_adapter
+from modules.checkpoint import write_dir_atomic
+from modules.errors import UserError, report_user_error
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("adapter", type=Path, help="adapter folder (a run's output_dir/adapter)")
+    parser.add_argument("out", type=Path, help="folder for the merged model (must not exist yet)")
+    parser.add_argument("--base", help="base model, if not the one named in adapter_config.json")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the merged weights")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
+    return parser.parse_args(argv)
+
+
+def merge(args: argparse.Namespace) -> Path:
+    from transformers import AutoTokenizer
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise UserError(f"{args.out} already exists and is not empty; give a new folder for the merged model.")
+    info = inspect_adapter(args.adapter, args.base)
+    tokenizer = AutoTokenizer.from_pretrained(info.folder)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    load = "fp32" if args.dtype == "fp32" else "bf16"
+    model = load_with_adapter(info, load, torch.device("cpu"), tokenizer)  # merging needs no GPU
+    merged = model.merge_and_unload().to(DTYPES[args.dtype])
+    merged.config.pad_token_id = tokenizer.pad_token_id
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder, safe_serialization=True, max_shard_size=args.max_shard_size)
+        tokenizer.save_pretrained(folder)
+
+    write_dir_atomic(args.out, write)
+    print(f"Merged {info.folder} into {info.base} ({args.dtype}); saved to {args.out}")
+    return args.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        merge(args)
+    except UserError as error:
+        return report_user_error(error)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
