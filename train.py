@@ -7,21 +7,35 @@ With no --config it runs configs/demo.yaml. Reads top to bottom: setup, the plan
 """
 
 import argparse
-import json
 import math
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from modules.card import model_card
-from modules.checkpoint import claim_output_dir, write_dir_atomic, write_text_atomic
-from modules.config import RunConfig, dump_config, load_config
-from modules.data import IGNORE_INDEX, PaddingCollator, build_train_dataset
+from modules.checkpoint import (
+    RunProgress,
+    StopSignal,
+    checkpoint_dir,
+    claim_output_dir,
+    complete_checkpoints,
+    find_resume_checkpoint,
+    keep_metrics_through,
+    register_adapter_only_state,
+    save_checkpoint,
+    write_dir_atomic,
+    write_text_atomic,
+)
+from modules.config import RunConfig, dump_config, load_config, run_changing_differences
+from modules.data import IGNORE_INDEX, PaddingCollator, build_datasets
 from modules.errors import UserError, report_user_error
-from modules.generation import compare_answers
+from modules.evaluate import evaluate
+from modules.generation import SampleWriter
 from modules.model import (
     count_4bit_linears,
     inspect_model,
@@ -31,19 +45,44 @@ from modules.model import (
     resolve_precision,
 )
 from modules.optim import build_optimizer, build_scheduler, total_optimizer_steps
+from modules.report import write_report
 from modules.sources import resolve_model_source
-from modules.tracking import MetricsLog, format_plan, peak_memory_gib, progress_bar, resolve_wandb_mode, start_trackers
+from modules.tracking import (
+    LogWindow,
+    MetricsLog,
+    finish_wandb,
+    format_plan,
+    log_samples,
+    progress_bar,
+    resolve_wandb_mode,
+    start_trackers,
+)
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="run config YAML (default: the demo)")
+    parser.add_argument("--config", type=Path, help="run config YAML (default: the demo, or the --resume checkpoint's)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="continue from the newest complete checkpoint in output_dir, or from PATH",
+    )
     parser.add_argument("--dry-run", action="store_true", help="validate config and data, print the plan, exit")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override config keys")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.insert(0, args.resume)  # `--resume key=value`: an override, not a checkpoint path
+        args.resume = ""
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite contradict each other; pick one")
+    if args.config is None:
+        args.config = Path(args.resume) / "config.yaml" if args.resume else DEMO_CONFIG
+    return args
 
 
 @dataclass
@@ -52,6 +91,13 @@ class TrainResult:
     tokenizer: object
     output_dir: Path
     losses: list[float]
+    stopped_by: int | None = None  # the signal that stopped the run early, if any
+
+
+OOM_ADVICE = (
+    "out of GPU memory. Lower it with: train.micro_batch_size (and raise train.grad_accum_steps to keep the "
+    "effective batch), data.max_seq_len, train.grad_checkpointing=true, or a smaller model. ({error})"
+)
 
 
 def train(args: argparse.Namespace) -> TrainResult | None:
@@ -60,6 +106,10 @@ def train(args: argparse.Namespace) -> TrainResult | None:
 
     # ---- Setup: everything a user can get wrong is checked here, before any weight loads ----
     config = load_config(args.config, args.overrides)
+    output_dir = Path(config.output_dir)
+    resume_from = find_resume_checkpoint(args.resume, output_dir)
+    if resume_from is not None:
+        check_resumable(resume_from, config)
     use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")  # set by a launcher config with use_cpu: true
     state = PartialState(cpu=use_cpu)
     precision = resolve_precision(config, state.device)
@@ -69,18 +119,21 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         source = resolve_model_source(config.model.name_or_path)
         tokenizer = load_tokenizer(source)
         summary = inspect_model(config, source)
-        train_set, audit = build_train_dataset(config.data, tokenizer)
-    output_dir = Path(config.output_dir)
+        train_set, eval_set, audit = build_datasets(config.data, tokenizer, config.train.seed)
     accum = config.train.grad_accum_steps
     micro_batches_per_epoch = math.ceil(len(train_set) / (config.train.micro_batch_size * state.num_processes))
     total_steps = total_optimizer_steps(config.train, micro_batches_per_epoch)
     warmup_steps = config.warmup_steps_for(total_steps)
+    plan = (config, state, summary, audit, total_steps, warmup_steps, precision, attention, wandb_mode)
     if args.dry_run:
-        print_plan(config, state, summary, audit, total_steps, warmup_steps, precision, attention, wandb_mode)
+        print_plan(*plan)
         return None
-    if state.is_main_process:
+    progress = RunProgress.read(resume_from) if resume_from else RunProgress()
+    if state.is_main_process and resume_from is None:
         claim_output_dir(output_dir, overwrite=args.overwrite)
         write_text_atomic(output_dir / "config.yaml", dump_config(config))
+    elif state.is_main_process:
+        keep_metrics_through(output_dir / "metrics.jsonl", progress.optimizer_step)
     state.wait_for_everyone()
 
     accelerator = Accelerator(
@@ -92,49 +145,45 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         log_with="wandb" if wandb_mode != "disabled" else None,
         project_dir=output_dir,
     )
+    register_adapter_only_state(accelerator)
     set_seed(config.train.seed)
     model = load_model(config, source, tokenizer, precision, attention, accelerator.device)
     optimizer = build_optimizer(model, config.train)
     # Not prepared: accelerate would step it once per process; we count optimizer steps globally.
     scheduler = build_scheduler(optimizer, warmup_steps, total_steps, config.train.min_lr_ratio)
+    collate = PaddingCollator(tokenizer.pad_token_id)
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=config.train.micro_batch_size,
         shuffle=True,
-        collate_fn=PaddingCollator(tokenizer.pad_token_id),
+        collate_fn=collate,
         generator=torch.Generator().manual_seed(config.train.seed),
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    start_trackers(accelerator, config, wandb_mode, output_dir)
+    accelerator.register_for_checkpointing(scheduler)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))  # adapter, optimizer, scheduler, scaler, RNG states
+    wandb_run = start_trackers(accelerator, config, wandb_mode, output_dir, progress.wandb_run_id)
+    progress.wandb_run_id = wandb_run.id if wandb_run is not None else progress.wandb_run_id
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    samples = SampleWriter(output_dir / "samples.jsonl", config.eval, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
-        print_plan(
-            config,
-            state,
-            summary,
-            audit,
-            total_steps,
-            warmup_steps,
-            precision,
-            attention,
-            wandb_mode,
-            model=accelerator.unwrap_model(model),
-        )
+        print_plan(*plan, model=accelerator.unwrap_model(model), resumed_from=resume_from)
+    stop = StopSignal()
 
     # ---- The loop: one pass per optimizer step, counted in optimizer steps ----
     model.train()
-    batches = endless(loader)
-    micro_step, optimizer_step, losses = 0, 0, []
-    bar = progress_bar(total_steps, optimizer_step, enabled=accelerator.is_main_process)
-    window_loss = torch.zeros((), device=accelerator.device)
-    window_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
-    window_steps, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
-    while optimizer_step < total_steps:
+    batches = endless(accelerator, loader, progress.micro_step)
+    bar = progress_bar(total_steps, progress.optimizer_step, enabled=accelerator.is_main_process)
+    window = LogWindow(accelerator.device)
+    skipped_in_row, losses, stop_reason, run_start = 0, [], None, time.perf_counter()
+    while progress.optimizer_step < total_steps and stop_reason is None:
         # Fetch the whole step first: the loss is normalised by the label tokens of all of its
         # micro-batches on all processes (labels shift by one inside the model, hence [:, 1:]).
         micro_batches = [next(batches) for _ in range(accum)]
         local_label_tokens = sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum() for batch in micro_batches)
         step_label_tokens = accelerator.reduce(local_label_tokens, "sum")  # all-reduce: one sync per step
+        step_loss = torch.zeros((), device=accelerator.device)
         for batch in micro_batches:
             with accelerator.accumulate(model):
                 # loss = this micro-batch's summed cross-entropy / the step's label tokens
@@ -142,86 +191,173 @@ def train(args: argparse.Namespace) -> TrainResult | None:
                 # backward() divides by accum and DDP averages over processes: undo both so the
                 # gradient is exactly that of the step's token-weighted mean loss.
                 accelerator.backward(loss * accum * accelerator.num_processes)
-            window_loss += loss.detach()
-            window_tokens += batch["attention_mask"].sum()
-            micro_step += 1
+            step_loss += loss.detach()
+            window.tokens += batch["attention_mask"].sum()
+            progress.micro_step += 1
 
         # accumulate() synchronised the gradients on the step's last micro-batch.
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        # A NaN/inf loss or gradient skips the update (fp16's loss scaler handles its own overflows).
+        # Checking is a CPU-GPU sync point, once per optimizer step.
+        step_loss = accelerator.reduce(step_loss, "sum")
+        finite = torch.isfinite(step_loss) & (torch.isfinite(grad_norm) | (accelerator.scaler is not None))
+        if finite.item():
+            optimizer.step()
+            window.add(step_loss)
+            skipped_in_row = 0
+        else:
+            progress.skipped_steps += 1
+            skipped_in_row += 1
+            if skipped_in_row >= config.train.max_skipped_steps_in_row:
+                raise UserError(
+                    f"the loss or gradient was NaN/inf for {skipped_in_row} steps in a row (step "
+                    f"{progress.optimizer_step + 1}); training diverged. Lower train.lr, check the data, or "
+                    "use bf16 rather than fp16."
+                )
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        optimizer_step += 1
-        window_steps += 1
+        progress.optimizer_step += 1
+        step = progress.optimizer_step
         bar.update(1)
 
-        if optimizer_step % config.log.every_steps == 0 or optimizer_step == total_steps:
-            # .item() below is a CPU-GPU sync point, paid once per logged step.
-            step_loss = accelerator.reduce(window_loss, "sum").item() / window_steps
-            tokens = accelerator.reduce(window_tokens, "sum").item()
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "step": optimizer_step,
-                "micro_step": micro_step,
-                "epoch": round(micro_step / len(loader), 4),
-                "loss": step_loss,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": tokens / elapsed,
-                "peak_memory_gib": round(peak_memory_gib(accelerator.device), 3),
-                "elapsed_s": round(time.perf_counter() - run_start, 2),
-            }
+        if step % config.log.every_steps == 0 or step == total_steps:
+            record = window.record(accelerator, step, progress, lr, grad_norm, len(loader), run_start)
             metrics.write(record)
-            accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=optimizer_step)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
-            losses.append(step_loss)
-            window_loss.zero_()
-            window_tokens.zero_()
-            window_steps, window_start = 0, time.perf_counter()
+            accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+            bar.set_postfix(
+                loss=f"{record['loss'] or float('nan'):.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
+            losses += [record["loss"]] if record["loss"] is not None else []
+
+        new_best = False
+        if eval_set is not None and (step == total_steps or step % (config.eval.every_steps or total_steps) == 0):
+            result = evaluate(
+                accelerator, model, eval_set, collate, config.eval.micro_batch_size or config.train.micro_batch_size
+            )
+            metrics.write({"step": step, **result})
+            accelerator.log({f"eval/{k.removeprefix('eval_')}": v for k, v in result.items()}, step=step)
+            margin = config.eval.early_stopping_min_delta
+            new_best = progress.best_eval_loss is None or result["eval_loss"] < progress.best_eval_loss - margin
+            if new_best:
+                progress.best_eval_loss, progress.best_step = result["eval_loss"], step
+            progress.evals_since_best = 0 if new_best else progress.evals_since_best + 1
+            if progress.evals_since_best >= (config.eval.early_stopping_patience or math.inf):
+                stop_reason = f"early stopping: no better eval loss in {progress.evals_since_best} evaluations"
+            if config.eval.sample_prompts and step < total_steps:
+                with accelerator.autocast():
+                    log_samples(wandb_run, samples.write(accelerator.unwrap_model(model), tokenizer, step), step)
+
+        signalled = stop.requested(accelerator)
+        keep_best = config.checkpoint.keep_best
+        every = config.checkpoint.every_steps
+        if signalled or (every and step % every == 0 and step < total_steps) or (new_best and keep_best):
+            # Writing a checkpoint synchronises all processes; its cost is paid every checkpoint.every_steps.
+            best = checkpoint_dir(output_dir, progress.best_step) if keep_best and progress.best_step else None
+            started = time.perf_counter()
+            state_now, config_text = asdict(progress), dump_config(config)
+            saved = save_checkpoint(accelerator, output_dir, step, state_now, config_text, config.checkpoint.keep, best)
+            if accelerator.is_main_process:
+                bar.write(f"checkpoint {saved} written in {time.perf_counter() - started:.2f} s")
+        if signalled:
+            stop_reason = f"stopped by {signal.Signals(stop.signum).name}"
     bar.close()
+    StopSignal.restore()
 
     # ---- The end: save the adapter atomically, show what changed, close the trackers ----
     accelerator.wait_for_everyone()
     peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # the plain PEFT model again
+    wall = time.perf_counter() - run_start
     if accelerator.is_main_process:
-        wall = time.perf_counter() - run_start
-        rows_per_step = config.train.micro_batch_size * accum * accelerator.num_processes
+        adapter_dir = None
+        if stop.signum is None:
+            rows_per_step = config.train.micro_batch_size * accum * accelerator.num_processes
 
-        def write_adapter(folder: Path) -> None:
-            peft_model.save_pretrained(folder, safe_serialization=True)
-            tokenizer.save_pretrained(folder)
-            card = model_card(config, audit, optimizer_step, losses, wall, rows_per_step)
-            (folder / "README.md").write_text(card)  # replaces PEFT's empty template
+            def write_adapter(folder: Path) -> None:
+                peft_model.save_pretrained(folder, safe_serialization=True)
+                tokenizer.save_pretrained(folder)
+                card = model_card(config, audit, progress.optimizer_step, losses, wall, rows_per_step)
+                (folder / "README.md").write_text(card)  # replaces PEFT's empty template
 
-        write_dir_atomic(output_dir / "adapter", write_adapter)
-        print(
-            f"Trained {optimizer_step} steps in {wall:.0f} s; final loss {losses[-1]:.4f}; "
-            f"adapter saved to {output_dir / 'adapter'}",
-            flush=True,
-        )
-        if config.eval.sample_prompts:
-            with accelerator.autocast():
-                rows = compare_answers(peft_model, tokenizer, config.eval.sample_prompts, config.eval.max_new_tokens)
-            print_answers(rows)
-            samples = "".join(json.dumps({"step": optimizer_step, **row}) + "\n" for row in rows)
-            write_text_atomic(output_dir / "samples.jsonl", samples)
+            adapter_dir = output_dir / "adapter"
+            write_dir_atomic(adapter_dir, write_adapter)
+            if config.eval.sample_prompts:
+                with accelerator.autocast():
+                    rows = samples.write(peft_model, tokenizer, progress.optimizer_step)
+                log_samples(wandb_run, rows, progress.optimizer_step)
+                print_answers(rows)
+        report = write_report(output_dir)
+        run_summary = {
+            "steps": progress.optimizer_step,
+            "final_loss": losses[-1] if losses else None,
+            "best_eval_loss": progress.best_eval_loss,
+            "skipped_steps": progress.skipped_steps,
+            "tokens_seen": window.tokens_seen,
+            "wall_s": round(wall, 1),
+            "mean_tokens_per_s": round(window.tokens_seen / max(wall, 1e-9), 1),
+        }
+        finish_wandb(wandb_run, run_summary, adapter_dir, config.log.wandb.log_adapter)
+        print_summary(run_summary, stop_reason, output_dir, adapter_dir, report)
     metrics.close()
     accelerator.end_training()
-    return TrainResult(model=peft_model, tokenizer=tokenizer, output_dir=output_dir, losses=losses)
+    return TrainResult(
+        model=peft_model, tokenizer=tokenizer, output_dir=output_dir, losses=losses, stopped_by=stop.signum
+    )
 
 
-def endless(loader):
-    """Batches forever, reshuffled each epoch by a seed derived from (seed, epoch)."""
-    epoch = 0
+def check_resumable(checkpoint: Path, config: RunConfig) -> None:
+    """Refuse a checkpoint whose run config differs in a key that changes what the run computes."""
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    changed = run_changing_differences(saved, config.model_dump(mode="json"))
+    if changed:
+        raise UserError(
+            f"--resume {checkpoint}: the config differs from the checkpoint's in keys that change the run:\n  "
+            + "\n  ".join(changed)
+            + "\nResume with the checkpoint's values (its config.yaml), or start a new run. "
+            "log.*, eval.*, checkpoint.* and output_dir may differ."
+        )
+
+
+def endless(accelerator, loader, start_micro_step: int):
+    """Batches forever from the data position `start_micro_step`, reshuffled each epoch by (seed, epoch)."""
+    epoch, skip = divmod(start_micro_step, len(loader))
     while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+        source = accelerator.skip_first_batches(loader, skip) if skip else loader
+        source.set_epoch(epoch)  # a skipping loader is a new object: it must be told the epoch too
+        yield from source
+        epoch, skip = epoch + 1, 0
+
+
+def print_summary(summary: dict, stop_reason, output_dir: Path, adapter_dir, report) -> None:
+    loss = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a"
+    best = f", best eval loss {summary['best_eval_loss']:.4f}" if summary["best_eval_loss"] is not None else ""
+    line = (
+        f"{summary['steps']} steps in {summary['wall_s']:.0f} s, final loss {loss}{best}, "
+        f"{summary['tokens_seen']:,} tokens at {summary['mean_tokens_per_s']:.0f} tokens/s"
+    )
+    if stop_reason and stop_reason.startswith("stopped by"):
+        newest = complete_checkpoints(output_dir)[-1]
+        print(
+            f"{stop_reason[0].upper()}{stop_reason[1:]} after {line}. Checkpoint: {newest}. Continue with --resume.",
+            flush=True,
+        )
+        return
+    where = f"adapter: {adapter_dir}" + (f"; report: {report}" if report else "")
+    print(f"Done{' (' + stop_reason + ')' if stop_reason else ''}: {line}; {where}", flush=True)
 
 
 def print_plan(
-    config: RunConfig, state, summary, audit, total_steps, warmup_steps, precision, attention, wandb_mode, model=None
+    config: RunConfig,
+    state,
+    summary,
+    audit,
+    total_steps,
+    warmup_steps,
+    precision,
+    attention,
+    wandb_mode,
+    model=None,
+    resumed_from: Path | None = None,
 ) -> None:
     train = config.train
     rows_per_step = train.micro_batch_size * train.grad_accum_steps * state.num_processes
@@ -268,6 +404,8 @@ def print_plan(
         ),
         ("output", f"{config.output_dir} (W&B {wandb_mode})"),
     ]
+    if resumed_from is not None:
+        rows.append(("resumed from", f"{resumed_from} (step {RunProgress.read(resumed_from).optimizer_step})"))
     print("Plan:\n" + format_plan(rows), flush=True)
 
 
@@ -280,10 +418,12 @@ def print_answers(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        train(args)
+        result = train(args)
     except UserError as error:
         return report_user_error(error)
-    return 0
+    except torch.OutOfMemoryError as error:
+        return report_user_error(UserError(OOM_ADVICE.format(error=str(error).splitlines()[0])))
+    return 128 + result.stopped_by if result and result.stopped_by else 0  # the shell's code for a signal
 
 
 if __name__ == "__main__":

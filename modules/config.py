@@ -74,6 +74,10 @@ class LoraSettings(Section):
 
 class DataConfig(Section):
     train: str = Field(description='JSONL file of chat rows: {"messages": [{"role", "content"}, ...]}.')
+    eval: str | None = Field(None, description="JSONL file of held-out chat rows for evaluation.")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=0.5, description="Hold out this fraction of data.train for evaluation (seeded), if no data.eval."
+    )
     format: Literal["auto", "messages"] = Field("auto", description="Row format; auto detects it from the keys.")
     max_seq_len: int = Field(2048, ge=8, description="Rows longer than this are truncated.")
 
@@ -97,6 +101,9 @@ class TrainConfig(Section):
         "auto", description="auto: bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, no on CPU."
     )
     seed: int = Field(42, description="Seed of data order, LoRA init and dropout.")
+    max_skipped_steps_in_row: int = Field(
+        5, ge=1, description="Steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run."
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -104,9 +111,23 @@ class TrainConfig(Section):
         return "no" if value is False else value  # YAML reads an unquoted `no` as false
 
 
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(100, ge=1, description="Optimizer steps between checkpoints (null: none).")
+    keep: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    keep_best: bool = Field(False, description="Also keep the checkpoint with the best eval loss.")
+
+
 class EvalConfig(Section):
+    every_steps: int | None = Field(None, ge=1, description="Optimizer steps between evaluations (and at the end).")
+    micro_batch_size: int | None = Field(None, ge=1, description="Rows per eval forward (default: the train one).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a better eval loss (null: never)."
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="An eval loss must beat the best by more than this to count as better."
+    )
     sample_prompts: list[str] = Field(
-        default_factory=list, description="Prompts answered by the base and the tuned model at the end."
+        default_factory=list, description="Prompts answered by the base and the tuned model at each eval and the end."
     )
     max_new_tokens: int = Field(64, ge=1, description="Length limit of sample answers (greedy).")
 
@@ -114,6 +135,9 @@ class EvalConfig(Section):
 class WandbConfig(Section):
     project: str = Field("qlora-loop", description="W&B project.")
     name: str | None = Field(None, description="W&B run name (default: the output_dir name).")
+    group: str | None = Field(None, description="W&B run group.")
+    tags: list[str] = Field(default_factory=list, description="W&B run tags.")
+    log_adapter: bool = Field(False, description="Upload the final adapter as a W&B model artifact.")
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="auto: online when credentials exist, else offline; disabled: no W&B."
     )
@@ -131,6 +155,7 @@ class RunConfig(Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     output_dir: str = Field(description="Where the run is written (default: runs/<config name>).")
 
@@ -157,6 +182,23 @@ def load_config(path: Path, overrides: list[str]) -> RunConfig:
     return config
 
 
+# Keys that do not change what a run computes: a resumed run may differ from its checkpoint in these.
+HARMLESS_ON_RESUME = ("log.", "eval.", "checkpoint.", "output_dir")
+
+
+def run_changing_differences(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two dumped configs, except harmless ones."""
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        path = f"{prefix}{key}"
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += run_changing_differences(old, new, f"{path}.")
+        elif old != new and not path.startswith(HARMLESS_ON_RESUME):
+            changed.append(f"{path}: {old!r} -> {new!r}")
+    return changed
+
+
 def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
@@ -177,6 +219,12 @@ def cross_field_problems(config: RunConfig) -> list[str]:
         problems.append("quant.compute_dtype float16 with train.mixed_precision bf16; make them agree (or use auto).")
     if config.quant.compute_dtype == "bfloat16" and train.mixed_precision == "fp16":
         problems.append("quant.compute_dtype bfloat16 with train.mixed_precision fp16; make them agree (or use auto).")
+    if config.data.eval and config.data.eval_fraction:
+        problems.append("data.eval and data.eval_fraction are both set; keep one source of eval rows.")
+    if config.eval.early_stopping_patience and not (config.data.eval or config.data.eval_fraction):
+        problems.append("eval.early_stopping_patience needs eval rows: set data.eval or data.eval_fraction.")
+    if config.checkpoint.keep_best and not (config.data.eval or config.data.eval_fraction):
+        problems.append("checkpoint.keep_best needs eval rows: set data.eval or data.eval_fraction.")
     if config.model.attn_implementation == "flash_attention_2" and train.mixed_precision == "no":
         problems.append(
             "model.attn_implementation flash_attention_2 needs bf16 or fp16 activations, but "

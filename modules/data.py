@@ -27,6 +27,7 @@ class DataAudit:
     dropped: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
     trained_tokens: int = 0
+    eval_rows: int = 0
 
     @property
     def rows_kept(self) -> int:
@@ -42,16 +43,34 @@ class DataAudit:
             f"rows read {self.rows_read}, kept {self.rows_kept}, dropped: {dropped}; "
             f"truncated {self.rows_truncated}; tokens {self.tokens:,}, "
             f"trained {self.trained_tokens:,} ({self.trained_token_fraction:.1%})"
+            + (f"; eval rows {self.eval_rows}" if self.eval_rows else "")
         )
+
+
+def build_datasets(data: DataConfig, tokenizer, seed: int):
+    """Train and eval datasets (eval is None without data.eval or data.eval_fraction), and the audit."""
+    train_set, audit = tokenize_file(Path(data.train), data, tokenizer)
+    eval_set = None
+    if data.eval:
+        eval_set, _ = tokenize_file(Path(data.eval), data, tokenizer)
+    elif data.eval_fraction:
+        split = train_set.train_test_split(test_size=data.eval_fraction, seed=seed)
+        train_set, eval_set = split["train"], split["test"]
+    audit.eval_rows = len(eval_set) if eval_set is not None else 0
+    return train_set, eval_set, audit
 
 
 def build_train_dataset(data: DataConfig, tokenizer):
     """Read, validate and tokenize the training file. Returns (datasets.Dataset, DataAudit)."""
-    rows = read_jsonl(Path(data.train))
+    return tokenize_file(Path(data.train), data, tokenizer)
+
+
+def tokenize_file(path: Path, data: DataConfig, tokenizer):
+    rows = read_jsonl(path)
     audit = DataAudit(rows_read=len(rows))
 
     def tokenize(row, index):
-        where = f"{data.train} row {index + 1}"
+        where = f"{path} row {index + 1}"
         if not isinstance(row.get("messages"), list):
             found = ", ".join(key for key, value in row.items() if value is not None)
             raise UserError(f"{where}: expected chat rows with a 'messages' list; keys found: {found}.")
@@ -72,7 +91,7 @@ def build_train_dataset(data: DataConfig, tokenizer):
     audit.trained_tokens = sum(kept["trained"])
     if len(kept) == 0:
         raise UserError(
-            f"{data.train}: no trainable rows remain ({audit.summary()}). "
+            f"{path}: no trainable rows remain ({audit.summary()}). "
             "Raise data.max_seq_len or check that rows have assistant turns."
         )
     return kept.remove_columns(["truncated", "trained"]), audit
@@ -83,7 +102,7 @@ def read_jsonl(path: Path):
     import datasets
 
     if not path.is_file():
-        raise UserError(f"data.train {path} does not exist; give a JSONL file of chat rows.")
+        raise UserError(f"data file {path} does not exist; give a JSONL file of chat rows (data.train, data.eval).")
     _check_utf8(path)  # pyarrow reads invalid UTF-8 without complaint and fails much later
     datasets.disable_progress_bars()
     try:

@@ -1,7 +1,9 @@
 """Answers from a chat model: streamed replies, and base-vs-tuned comparisons (adapter disabled)."""
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -52,6 +54,39 @@ def compare_answers(peft_model, tokenizer, prompts: list[str], max_new_tokens: i
         rows.append({"prompt": prompt, "base": base, "tuned": tuned})
     peft_model.train(was_training)
     return rows
+
+
+class SampleWriter:
+    """Greedy answers to eval.sample_prompts at each evaluation, appended to samples.jsonl.
+
+    The base model's answers never change, so they are computed once.
+    """
+
+    def __init__(self, path: Path, eval_config, enabled: bool):
+        self.path, self.enabled = path, enabled and bool(eval_config.sample_prompts)
+        self.prompts, self.settings = eval_config.sample_prompts, GenerationSettings(eval_config.max_new_tokens, True)
+        self.base_answers: list[str] | None = None
+        self.last_step, self.last_rows = None, []
+
+    def write(self, peft_model, tokenizer, step: int) -> list[dict]:
+        if not self.enabled or step == self.last_step:  # an early stop ends right after an eval's samples
+            return self.last_rows
+        was_training = peft_model.training
+        peft_model.eval()
+        conversations = [[{"role": "user", "content": prompt}] for prompt in self.prompts]
+        if self.base_answers is None:
+            with peft_model.disable_adapter():
+                self.base_answers = [reply(peft_model, tokenizer, c, self.settings) for c in conversations]
+        tuned = [reply(peft_model, tokenizer, c, self.settings) for c in conversations]
+        peft_model.train(was_training)
+        rows = [
+            {"step": step, "prompt": p, "base": b, "tuned": t}
+            for p, b, t in zip(self.prompts, self.base_answers, tuned, strict=True)
+        ]
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(row) + "\n" for row in rows))
+        self.last_step, self.last_rows = step, rows
+        return rows
 
 
 def behaviour_rates(rows: list[dict], expect: list[str | None]) -> dict[str, tuple[int, int]] | None:

@@ -2,10 +2,12 @@
 
 import importlib.util
 import json
+import math
 import netrc
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,14 +42,84 @@ def _has_wandb_credentials() -> bool:
         return False
 
 
-def start_trackers(accelerator, config: RunConfig, wandb_mode: str, output_dir: Path) -> None:
+def start_trackers(accelerator, config: RunConfig, wandb_mode: str, output_dir: Path, run_id: str | None):
+    """Start W&B (resuming run_id when given); returns the W&B run on the main process, else None."""
     if wandb_mode == "disabled":
-        return
+        return None
+    settings = config.log.wandb
     (output_dir / "wandb").mkdir(parents=True, exist_ok=True)
-    init = {"mode": wandb_mode, "dir": str(output_dir), "name": config.log.wandb.name or output_dir.name}
-    accelerator.init_trackers(
-        config.log.wandb.project, config=config.model_dump(mode="json"), init_kwargs={"wandb": init}
-    )
+    init = {
+        "mode": wandb_mode,
+        "dir": str(output_dir),
+        "name": settings.name or output_dir.name,
+        "group": settings.group,
+        "tags": settings.tags,
+    }
+    if run_id:
+        init |= {"id": run_id, "resume": "allow"}
+    accelerator.init_trackers(settings.project, config=config.model_dump(mode="json"), init_kwargs={"wandb": init})
+    return accelerator.get_tracker("wandb", unwrap=True) if accelerator.is_main_process else None
+
+
+def log_samples(run, rows: list[dict], step: int) -> None:
+    """Sample answers as a W&B table, one row per prompt and evaluation step."""
+    if run is not None:
+        import wandb
+
+        columns = ["step", "prompt", "base", "tuned"]
+        table = wandb.Table(columns=columns, data=[[step, r["prompt"], r["base"], r["tuned"]] for r in rows])
+        run.log({"samples": table}, step=step)
+
+
+def finish_wandb(run, summary: dict, adapter_dir: Path | None, log_adapter: bool) -> None:
+    if run is None:
+        return
+    run.summary.update(summary)
+    if log_adapter and adapter_dir is not None:
+        import wandb
+
+        artifact = wandb.Artifact(name=f"adapter-{run.id}", type="model", metadata=summary)
+        artifact.add_dir(str(adapter_dir))
+        run.log_artifact(artifact)
+
+
+class LogWindow:
+    """Loss and tokens since the last logged step. record() reduces the tokens over processes."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.tokens = torch.zeros((), device=device, dtype=torch.long)
+        self.steps, self.tokens_seen, self.start = 0, 0, time.perf_counter()
+
+    def add(self, step_loss: torch.Tensor) -> None:
+        """Count a finite optimizer step's loss (already summed over processes)."""
+        self.loss += step_loss
+        self.steps += 1
+
+    def record(
+        self, accelerator, step: int, progress, lr: float, grad_norm, batches_per_epoch: int, run_start: float
+    ) -> dict:
+        # .item() is a CPU-GPU sync point, paid once per logged step.
+        tokens = accelerator.reduce(self.tokens, "sum").item()
+        elapsed = time.perf_counter() - self.start
+        norm = float(grad_norm)
+        record = {
+            "step": step,
+            "micro_step": progress.micro_step,
+            "epoch": round(progress.micro_step / batches_per_epoch, 4),
+            "loss": self.loss.item() / self.steps if self.steps else None,
+            "lr": lr,
+            "grad_norm": norm if math.isfinite(norm) else None,
+            "tokens_per_s": tokens / elapsed,
+            "skipped_steps": progress.skipped_steps,
+            "peak_memory_gib": round(peak_memory_gib(accelerator.device), 3),
+            "elapsed_s": round(time.perf_counter() - run_start, 2),
+        }
+        self.tokens_seen += tokens
+        self.loss.zero_()
+        self.tokens.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+        return record
 
 
 class MetricsLog:

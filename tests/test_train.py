@@ -78,7 +78,7 @@ def test_accelerate_launch_trains_saves_and_refuses_to_overwrite(tmp_path, tiny_
     [
         ("lora.rank=8", "unknown key 'lora.rank'; did you mean 'r'?"),
         ("train.lr=fast", "train.lr = 'fast'"),
-        ("data.train=/nope.jsonl", "data.train /nope.jsonl does not exist"),
+        ("data.train=/nope.jsonl", "data file /nope.jsonl does not exist"),
         ("lora.target_modules=[qkv]", "['qkv'] are not linear layers"),
     ],
 )

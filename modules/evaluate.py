@@ -1,0 +1,35 @@
+"""Evaluation: token-weighted loss and perplexity on held-out rows, summed over all processes."""
+
+import math
+
+import torch
+
+from modules.data import IGNORE_INDEX
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, eval_set, collate, micro_batch_size: int) -> dict[str, float]:
+    """Mean cross-entropy over every label token of the eval rows, as if computed in one batch.
+
+    Each process takes its own contiguous shard (no padding duplicates) and runs the unwrapped
+    model, so uneven shards need no collective inside the forward. Logits are dropped batch by batch.
+    """
+    shard = eval_set.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
+    loader = torch.utils.data.DataLoader(shard, batch_size=micro_batch_size, collate_fn=collate)
+    inner = accelerator.unwrap_model(model)
+    was_training = inner.training
+    inner.eval()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    one = torch.ones((), device=accelerator.device)
+    for batch in loader:
+        batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
+        with accelerator.autocast():
+            # num_items_in_batch=1 makes the model return the summed, not the mean, cross-entropy
+            loss_sum += inner(**batch, num_items_in_batch=one).loss.float()
+        tokens += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    inner.train(was_training)
+    total_loss = accelerator.reduce(loss_sum, "sum").item()
+    total_tokens = accelerator.reduce(tokens, "sum").item()
+    loss = total_loss / max(total_tokens, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": total_tokens}
