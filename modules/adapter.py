@@ -58,9 +58,7 @@ def inspect_adapter(folder: Path, base_override: str | None = None) -> AdapterIn
         base_config = AutoConfig.from_pretrained(base)
     except (OSError, ValueError) as error:
         raise UserError(f"base model {base_name!r} could not be read ({error}); pass --base PATH.") from None
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
+    with torch.device("meta"):  # shapes only, no memory
         skeleton = AutoModelForCausalLM.from_config(base_config)
     _check_shapes(folder, skeleton, base_name)
     run_config = folder.parent / "config.yaml"  # present when the folder is a run's output_dir/adapter

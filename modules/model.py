@@ -131,15 +131,12 @@ class ModelSummary:
 
 def inspect_model(config: RunConfig, source: str) -> ModelSummary:
     """Check the LoRA targets against the architecture and count parameters, before any weight loads."""
-    from accelerate import init_empty_weights
-
     try:
         model_config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise UserError(f"model.name_or_path {source!r}: could not read the model config ({error}).") from None
-    with init_empty_weights():
+    with torch.device("meta"):  # shapes only; unlike accelerate's init_empty_weights, ties lm_head
         skeleton = AutoModelForCausalLM.from_config(model_config)
-        skeleton.tie_weights()  # a tied lm_head must not be counted twice
     linears = {name: m for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
     suffixes = {name.rsplit(".", 1)[-1] for name in linears}
     missing = [target for target in config.lora.target_modules if target not in suffixes]

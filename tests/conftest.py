@@ -67,6 +67,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def nf4(compute_dtype=torch.float32):
+    """The quantization training uses: NF4 with double quantization."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def chat_row(user: str, assistant: str, system: str | None = None) -> dict:
     turns = [{"role": "system", "content": system}] if system else []
     return {"messages": [*turns, {"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, write_config, write_jsonl
+from conftest import REPO, nf4, write_config, write_jsonl
 from test_train import run_cli
 
 from modules.adapter import inspect_adapter, load_with_adapter
@@ -49,8 +49,8 @@ def test_adapter_folder_carries_a_model_card(adapter_dir, tiny_model_dir):
     assert "at the first logged step" in card and "max_steps: 8" in card
 
 
-@pytest.mark.parametrize(("dtype", "relative_tolerance"), [("fp32", 1e-4), ("bf16", 2e-2)])
-def test_merged_model_equals_base_plus_adapter_and_needs_no_peft(adapter_dir, tmp_path, dtype, relative_tolerance):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_merged_model_equals_base_plus_adapter_and_needs_no_peft(adapter_dir, tmp_path, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged_dir = tmp_path / "merged"
@@ -65,15 +65,25 @@ def test_merged_model_equals_base_plus_adapter_and_needs_no_peft(adapter_dir, tm
     inputs = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)  # plain transformers
     assert merged.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    with_adapter = load_with_adapter(inspect_adapter(adapter_dir), dtype, torch.device("cpu"), tokenizer)
+
+    def logits(load: str, adapter: bool = True):
+        model = load_with_adapter(inspect_adapter(adapter_dir), load, torch.device("cpu"), tokenizer)
+        with torch.no_grad():
+            if adapter:
+                return model(**inputs).logits.float()
+            with model.disable_adapter():
+                return model(**inputs).logits.float()
+
+    reference = logits("fp32")  # base + adapter, unmerged, exact
+    scale = reference.abs().max()
+    assert (logits("fp32", adapter=False) - reference).abs().max() > 0.05 * scale, "the adapter must matter"
     with torch.no_grad():
-        expected = with_adapter(**inputs).logits.float()
-        got = merged(**inputs).logits.float()
-        with with_adapter.disable_adapter():
-            base = with_adapter(**inputs).logits.float()
-    scale = expected.abs().max()
-    assert (got - expected).abs().max() <= relative_tolerance * scale  # bf16: rounding of W + BA only
-    assert (base - expected).abs().max() > 0.05 * scale, "the adapter must matter for this test to mean anything"
+        error = (merged(**inputs).logits.float() - reference).abs().max()
+    if dtype == "fp32":
+        assert error <= 1e-4 * scale
+    else:  # merging in bf16 may cost no more than running the unmerged model in bf16 does
+        bf16_noise = (logits("bf16") - reference).abs().max()
+        assert error <= 2 * bf16_noise + 1e-3 * scale, f"merged error {error:.4f}, bf16 noise {bf16_noise:.4f}"
 
 
 def test_merge_never_writes_over_an_existing_folder(adapter_dir, tmp_path):
@@ -109,7 +119,7 @@ def test_interactive_chat_keeps_history_resets_and_exits(adapter_dir):
 
 
 def test_compare_writes_base_and_tuned_answers_and_behaviour_rates(adapter_dir, tmp_path, tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     prompts = write_jsonl(
         tmp_path / "prompts.jsonl", [{"prompt": "Is the sea wide?", "expect": "^Ahoy"}, {"prompt": "Is the ship fast?"}]
@@ -125,12 +135,7 @@ def test_compare_writes_base_and_tuned_answers_and_behaviour_rates(adapter_dir, 
     assert "Taught behaviour (answers matching their 'expect'): base" in result.stdout
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
+    quantization = nf4(torch.float32)
     plain_base = AutoModelForCausalLM.from_pretrained(
         tiny_model_dir, quantization_config=quantization, dtype=torch.float32, device_map={"": "cpu"}
     )

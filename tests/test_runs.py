@@ -104,6 +104,20 @@ def test_resume_refuses_a_changed_run_and_allows_harmless_changes(tmp_path, tiny
     assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
 
 
+def start_and_wait_for_metrics(config, output_dir, lines: int) -> subprocess.Popen:
+    """Start train.py and return once it has logged `lines` optimizer steps."""
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics, deadline = output_dir / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= lines):
+        time.sleep(0.1)
+    return process
+
+
 def test_sigterm_checkpoints_and_the_run_resumes_to_the_end(tmp_path, tiny_model_dir, chat_file):
     output_dir = tmp_path / "run"
     config = write_config(
@@ -114,18 +128,7 @@ def test_sigterm_checkpoints_and_the_run_resumes_to_the_end(tmp_path, tiny_model
         train={"max_steps": 60},
         checkpoint={"every_steps": None},
     )
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        metrics = output_dir / "metrics.jsonl"
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
+    process = start_and_wait_for_metrics(config, output_dir, lines=3)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
@@ -227,13 +230,16 @@ def test_eval_loss_is_token_weighted_over_all_eval_rows(tmp_path, tiny_model_dir
     model, total, tokens = result.model.eval(), 0.0, 0
     with torch.no_grad():
         for row in rows:  # one row at a time: no padding at all
-            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            ids = torch.tensor([row["input_ids"]], device=model.device)
+            labels = torch.tensor([row["labels"]], device=model.device)
             logits = model(input_ids=ids).logits[0, :-1].float()
             total += torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum")
             tokens += int((labels[0, 1:] != -100).sum())
     assert evals[-1]["eval_tokens"] == tokens
-    assert evals[-1]["eval_loss"] == pytest.approx(total.item() / tokens, rel=1e-4)
-    assert evals[-1]["eval_perplexity"] == pytest.approx(torch.exp(total / tokens).item(), rel=1e-4)
+    # On a GPU the run evaluates under bf16 autocast and this direct computation does not.
+    tolerance = 1e-4 if model.device.type == "cpu" else 2e-2
+    assert evals[-1]["eval_loss"] == pytest.approx(total.item() / tokens, rel=tolerance)
+    assert evals[-1]["eval_perplexity"] == pytest.approx(torch.exp(total / tokens).item(), rel=5 * tolerance)
 
 
 def test_early_stopping_and_samples_at_each_evaluation(tmp_path, tiny_model_dir, chat_file, eval_file):
@@ -294,15 +300,7 @@ def test_a_second_signal_exits_at_once(tmp_path, tiny_model_dir, chat_file):
         train={"max_steps": 200},
         checkpoint={"every_steps": None},
     )
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and not (output_dir / "metrics.jsonl").is_file():
-        time.sleep(0.1)
+    process = start_and_wait_for_metrics(config, output_dir, lines=1)
     process.send_signal(signal.SIGINT)
     time.sleep(0.05)
     process.send_signal(signal.SIGINT)

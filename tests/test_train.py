@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, write_config
+from conftest import REPO, nf4, write_config
 
 import train as train_script
 
@@ -112,7 +112,7 @@ def train_in_process(tmp_path, model_dir, data, name, *overrides):
 
 def test_saved_adapter_reloads_with_plain_peft_to_the_same_logits(tmp_path, tiny_model_dir, chat_file):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     result = train_in_process(tmp_path, tiny_model_dir, chat_file, "run", "train.max_steps=6")
     device = result.model.device  # the CPU here; the GPU when the suite runs on one
@@ -127,12 +127,7 @@ def test_saved_adapter_reloads_with_plain_peft_to_the_same_logits(tmp_path, tiny
     with torch.no_grad():
         trained_logits = result.model(**inputs).logits
 
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
+    quantization = nf4(compute_dtype)
     base = AutoModelForCausalLM.from_pretrained(
         tiny_model_dir, quantization_config=quantization, dtype=compute_dtype, device_map={"": device}
     )
@@ -171,7 +166,7 @@ def test_wandb_offline_run_is_written_under_output_dir(tmp_path, tiny_model_dir,
 def test_a_model_without_a_spare_token_gets_a_new_pad_and_still_reloads(tmp_path, chat_file):
     from conftest import build_tokenizer
     from peft import AutoPeftModelForCausalLM
-    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(special_tokens=("<|im_start|>", "<|im_end|>"), unk_token=None)  # pad = eos only
     config = LlamaConfig(
@@ -196,12 +191,7 @@ def test_a_model_without_a_spare_token_gets_a_new_pad_and_still_reloads(tmp_path
     with torch.no_grad():
         trained_logits = result.model(**inputs).logits
     compute_dtype = result.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.compute_dtype
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
+    quantization = nf4(compute_dtype)
     reloaded = AutoPeftModelForCausalLM.from_pretrained(
         result.output_dir / "adapter",
         quantization_config=quantization,
