@@ -53,9 +53,12 @@ from modules.tracking import (
     finish_wandb,
     format_plan,
     log_samples,
+    mfu,
+    peak_flops,
     progress_bar,
     resolve_wandb_mode,
     start_trackers,
+    training_flops_per_token,
 )
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -124,6 +127,9 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     micro_batches_per_epoch = math.ceil(len(train_set) / (config.train.micro_batch_size * state.num_processes))
     total_steps = total_optimizer_steps(config.train, micro_batches_per_epoch)
     warmup_steps = config.warmup_steps_for(total_steps)
+    mean_row = audit.tokens / max(audit.rows_kept, 1)
+    flops_per_token = training_flops_per_token(summary.matmul_params, summary.attention_width, mean_row)
+    peak = peak_flops(state.device, config.log.peak_tflops)
     plan = (config, state, summary, audit, total_steps, warmup_steps, precision, attention, wandb_mode)
     if args.dry_run:
         print_plan(*plan)
@@ -222,11 +228,17 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         bar.update(1)
 
         if step % config.log.every_steps == 0 or step == total_steps:
-            record = window.record(accelerator, step, progress, lr, grad_norm, len(loader), run_start)
+            record = window.record(
+                accelerator, step, progress, lr, grad_norm, len(loader), run_start, flops_per_token, peak
+            )
             metrics.write(record)
             accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+            mfu_shown = {"mfu": f"{record['mfu']:.1%}"} if record["mfu"] is not None else {}
             bar.set_postfix(
-                loss=f"{record['loss'] or float('nan'):.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                loss=f"{record['loss'] or float('nan'):.4f}",
+                lr=f"{lr:.2e}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                **mfu_shown,
             )
             losses += [record["loss"]] if record["loss"] is not None else []
 
@@ -295,6 +307,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
             "tokens_seen": window.tokens_seen,
             "wall_s": round(wall, 1),
             "mean_tokens_per_s": round(window.tokens_seen / max(wall, 1e-9), 1),
+            "mean_mfu": mfu(window.tokens_seen / max(wall, 1e-9), flops_per_token, peak, accelerator.num_processes),
         }
         finish_wandb(wandb_run, run_summary, adapter_dir, config.log.wandb.log_adapter)
         print_summary(run_summary, stop_reason, output_dir, adapter_dir, report)
@@ -392,6 +405,7 @@ def print_plan(
             f"{train.min_lr_ratio:g} x lr {train.lr:g}; AdamW wd {train.weight_decay:g}",
         ),
         ("attention", attention),
+        ("work per token", flops_line(config, state, summary, mean_row)),
         (
             "precision",
             f"autocast {precision.mixed}, compute {str(precision.compute_dtype).removeprefix('torch.')}, "
@@ -407,6 +421,13 @@ def print_plan(
     if resumed_from is not None:
         rows.append(("resumed from", f"{resumed_from} (step {RunProgress.read(resumed_from).optimizer_step})"))
     print("Plan:\n" + format_plan(rows), flush=True)
+
+
+def flops_line(config: RunConfig, state, summary, mean_row: float) -> str:
+    flops = training_flops_per_token(summary.matmul_params, summary.attention_width, mean_row)
+    peak = peak_flops(state.device, config.log.peak_tflops)
+    basis = f"peak {peak / 1e12:.0f} TFLOP/s per device" if peak else "no known peak: set log.peak_tflops for MFU"
+    return f"{flops / 1e9:.2f} GFLOP per trained token (MFU numerator; {basis})"
 
 
 def print_answers(rows: list[dict]) -> None:

@@ -145,6 +145,9 @@ class WandbConfig(Section):
 
 class LogConfig(Section):
     every_steps: int = Field(1, ge=1, description="Optimizer steps between metric lines.")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Peak bf16 TFLOP/s of one device, for MFU (default: known GPUs' data sheets)."
+    )
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 

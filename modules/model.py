@@ -127,6 +127,8 @@ class ModelSummary:
     total_params: int
     quantized_linears: int
     lora_params: int
+    matmul_params: int  # weights of every linear layer, lm_head included: the N of the FLOP count
+    attention_width: int  # layers x heads x head_dim, for the attention FLOPs
 
 
 def inspect_model(config: RunConfig, source: str) -> ModelSummary:
@@ -146,10 +148,15 @@ def inspect_model(config: RunConfig, source: str) -> ModelSummary:
         )
     targets = [m for name, m in linears.items() if name.rsplit(".", 1)[-1] in config.lora.target_modules]
     quantized = [m for name, m in linears.items() if not name.endswith("lm_head")]
+    text_config = model_config.get_text_config()
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     return ModelSummary(
         total_params=sum(p.numel() for p in skeleton.parameters()),
         quantized_linears=len(quantized) if config.quant.load_in_4bit else 0,
         lora_params=sum(config.lora.r * (m.in_features + m.out_features) for m in targets),
+        matmul_params=sum(m.in_features * m.out_features for m in linears.values()),
+        attention_width=text_config.num_hidden_layers * heads * head_dim,
     )
 
 

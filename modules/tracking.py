@@ -83,6 +83,41 @@ def finish_wandb(run, summary: dict, adapter_dir: Path | None, log_adapter: bool
         run.log_artifact(artifact)
 
 
+# Dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), TFLOP/s.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100": 989.4,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "RTX 4090": 165.2,
+    "RTX 3090": 71.0,
+}
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    """One device's peak FLOP/s: log.peak_tflops, else the data sheet of a known GPU, else None."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def training_flops_per_token(matmul_params: int, attention_width: int, mean_row_tokens: float) -> float:
+    """Model FLOPs to train one token on a frozen base, the numerator of MFU.
+
+    Matmuls: forward 2N plus input gradients 2N over the N linear weights (a frozen base needs no
+    weight gradients; LoRA's own FLOPs are under 1% and left out). Causal attention: QK^T and AV
+    cost 4 x attention_width x c forward and twice that backward, where c = (mean row + 1) / 2 is
+    the mean number of positions a token attends to. Recompute from checkpointing is not counted.
+    """
+    attended = (mean_row_tokens + 1) / 2
+    return 4 * matmul_params + 12 * attention_width * attended
+
+
 class LogWindow:
     """Loss and tokens since the last logged step. record() reduces the tokens over processes."""
 
@@ -97,7 +132,16 @@ class LogWindow:
         self.steps += 1
 
     def record(
-        self, accelerator, step: int, progress, lr: float, grad_norm, batches_per_epoch: int, run_start: float
+        self,
+        accelerator,
+        step: int,
+        progress,
+        lr: float,
+        grad_norm,
+        batches_per_epoch: int,
+        run_start: float,
+        flops_per_token: float,
+        peak: float | None,
     ) -> dict:
         # .item() is a CPU-GPU sync point, paid once per logged step.
         tokens = accelerator.reduce(self.tokens, "sum").item()
@@ -111,6 +155,7 @@ class LogWindow:
             "lr": lr,
             "grad_norm": norm if math.isfinite(norm) else None,
             "tokens_per_s": tokens / elapsed,
+            "mfu": mfu(tokens / elapsed, flops_per_token, peak, accelerator.num_processes),
             "skipped_steps": progress.skipped_steps,
             "peak_memory_gib": round(peak_memory_gib(accelerator.device), 3),
             "elapsed_s": round(time.perf_counter() - run_start, 2),
@@ -120,6 +165,11 @@ class LogWindow:
         self.tokens.zero_()
         self.steps, self.start = 0, time.perf_counter()
         return record
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, processes: int) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices (None off the GPU)."""
+    return round(tokens_per_s * flops_per_token / (peak * processes), 4) if peak else None
 
 
 class MetricsLog:

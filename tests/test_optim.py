@@ -62,3 +62,43 @@ def test_total_steps_from_epochs_or_max_steps():
     assert total_optimizer_steps(TrainConfig(max_steps=7), micro_batches_per_epoch=100) == 7
     assert total_optimizer_steps(TrainConfig(epochs=2, grad_accum_steps=4), micro_batches_per_epoch=10) == 5
     assert total_optimizer_steps(TrainConfig(epochs=0.5), micro_batches_per_epoch=9) == math.ceil(4.5)
+
+
+def test_training_flops_per_token_of_an_8b_llama_shape():
+    from transformers import LlamaConfig
+
+    from modules.config import RunConfig
+    from modules.model import inspect_model
+    from modules.tracking import training_flops_per_token
+
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
+    run = RunConfig.model_validate({"model": {"name_or_path": "x"}, "data": {"train": "x"}, "output_dir": "o"})
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        summary = inspect_model(run, folder)
+    # per layer: q,o 4096^2 each, k,v 4096x1024 each, 3 MLP 4096x14336; plus lm_head 4096x128256
+    layer = 2 * 4096**2 + 2 * 4096 * 1024 + 3 * 4096 * 14336
+    assert summary.matmul_params == 32 * layer + 4096 * 128256  # ~7.5e9, the N of the performance issue
+    assert summary.attention_width == 32 * 4096
+    flops = training_flops_per_token(summary.matmul_params, summary.attention_width, mean_row_tokens=2047)
+    assert flops == 4 * summary.matmul_params + 12 * 32 * 4096 * 1024
+    assert 31e9 < flops < 32e9
+
+
+def test_mfu_needs_a_peak_and_counts_every_process():
+    import torch
+
+    from modules.tracking import mfu, peak_flops
+
+    assert peak_flops(torch.device("cpu"), None) is None and mfu(1000.0, 1e9, None, 1) is None
+    assert peak_flops(torch.device("cpu"), 2.0) == 2e12
+    assert mfu(1000.0, 1e9, 2e12, 1) == 0.5 and mfu(1000.0, 1e9, 2e12, 2) == 0.25

@@ -280,13 +280,17 @@ def test_report_png_and_wandb_summary(tmp_path, tiny_model_dir, chat_file, eval_
         "log.wandb.tags=[ci]",
         'eval.sample_prompts=["Is the sea wide?"]',
         "eval.max_new_tokens=3",
+        "log.peak_tflops=0.001",
     )
+    steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
+    ratios = [r["mfu"] / r["tokens_per_s"] for r in steps]  # FLOP per token / peak: the same every step
+    assert min(ratios) > 0 and max(ratios) / min(ratios) < 1.001  # up to the rounding of mfu
     report = result.output_dir / "report.png"
     assert report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report.stat().st_size > 10_000
     # An offline run keeps everything in its record log, which `wandb sync` uploads later.
     (record_log,) = (result.output_dir / "wandb").glob("offline-run-*/run-*.wandb")
     records = record_log.read_bytes()
-    for logged in (b"train/loss", b"eval/loss", b"samples", b"tokens_seen", b"best_eval_loss", b"adapter-"):
+    for logged in (b"train/loss", b"train/mfu", b"eval/loss", b"samples", b"tokens_seen", b"mean_mfu", b"adapter-"):
         assert logged in records, logged
 
 

@@ -46,7 +46,8 @@ def test_accelerate_launch_trains_saves_and_refuses_to_overwrite(tmp_path, tiny_
 
     records = read_metrics(output_dir)
     assert [r["step"] for r in records] == list(range(1, 21))
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib", "micro_step"} <= set(records[0])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_gib", "micro_step"} <= set(records[0])
+    assert records[0]["mfu"] is None  # no peak FLOP/s is known for a CPU
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
     assert last < 0.7 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
     assert records[1]["lr"] == pytest.approx(5e-3) and records[2]["lr"] == pytest.approx(1e-2)  # warmup 2
