@@ -134,7 +134,13 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     if args.dry_run:
         print_plan(*plan)
         return None
-    progress = RunProgress.read(resume_from) if resume_from else RunProgress()
+    progress = RunProgress.read(resume_from) if resume_from else RunProgress(processes=state.num_processes)
+    if progress.processes != state.num_processes:
+        raise UserError(
+            f"--resume {resume_from}: written by {progress.processes} process(es), resumed with "
+            f"{state.num_processes}. Resume with --num_processes {progress.processes} (the data position "
+            "and RNG states are per process)."
+        )
     if state.is_main_process and resume_from is None:
         claim_output_dir(output_dir, overwrite=args.overwrite)
         write_text_atomic(output_dir / "config.yaml", dump_config(config))

@@ -147,6 +147,7 @@ class RunProgress:
 
     optimizer_step: int = 0
     micro_step: int = 0  # micro-batches consumed by each process
+    processes: int = 1  # the data position above holds only at this number of processes
     skipped_steps: int = 0
     best_eval_loss: float | None = None
     best_step: int | None = None

@@ -102,6 +102,10 @@ def test_resume_refuses_a_changed_run_and_allows_harmless_changes(tmp_path, tiny
     assert nothing.returncode == 2 and "holds no complete checkpoint" in nothing.stderr
     again = run_cli("--config", str(config))
     assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
+    state_file = tmp_path / "run" / "checkpoints" / "step-000003" / "trainer_state.json"
+    state_file.write_text(json.dumps(json.loads(state_file.read_text()) | {"processes": 2}))
+    other_world = run_cli("--config", str(config), "--resume", str(state_file.parent))
+    assert other_world.returncode == 2 and "written by 2 process(es), resumed with 1" in other_world.stderr
 
 
 def start_and_wait_for_metrics(config, output_dir, lines: int) -> subprocess.Popen:
