@@ -92,7 +92,7 @@ def register_adapter_only_state(accelerator) -> None:
     from safetensors.torch import load_file
 
     def save_adapter(models, weights, folder):
-        for model in models:
+        for model in models if accelerator.is_main_process else []:  # one writer: the ranks hold equal copies
             accelerator.unwrap_model(model).save_pretrained(Path(folder) / "adapter", safe_serialization=True)
         weights.clear()
 

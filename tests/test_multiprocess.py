@@ -1,0 +1,62 @@
+"""Two real CPU processes over gloo, launched the way that connects them (see README)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, write_config
+from safetensors.torch import load_file
+from test_train import read_metrics, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def launch_two_cpu_ranks(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
+    env["ACCELERATE_USE_CPU"] = "true"  # with --multi_gpu: two connected ranks on gloo, no GPU needed
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "29517",
+        str(REPO / "train.py"),
+        *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, chat_file):
+    config = write_config(
+        tmp_path / "run.yaml",
+        tiny_model_dir,
+        chat_file,
+        tmp_path / "x",
+        train={"max_steps": 6},
+        lora={"dropout": 0.0},
+        checkpoint={"every_steps": 3},
+    )
+    two = launch_two_cpu_ranks("--config", str(config), f"output_dir={tmp_path / 'two'}", "train.micro_batch_size=2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 x cpu" in two.stdout and "4 rows = 2 micro x 1 accum x 2 process(es)" in two.stdout
+    one = run_cli("--config", str(config), f"output_dir={tmp_path / 'one'}", "train.micro_batch_size=4")
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    two_records, one_records = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    assert [r["step"] for r in two_records] == list(range(1, 7))  # one writer: no duplicated lines
+    for a, b in zip(two_records, one_records, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)  # token-weighted across processes
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    two_adapter = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    one_adapter = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert max((two_adapter[k] - one_adapter[k]).abs().max().item() for k in one_adapter) < 1e-4
+    checkpoint = tmp_path / "two" / "checkpoints" / "step-000003"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["processes"] == 2
