@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.resume and "=" in args.resume and not Path(args.resume).exists():
         args.overrides.insert(0, args.resume)  # `--resume key=value`: an override, not a checkpoint path
         args.resume = ""
-    if args.resume and args.overwrite:
+    if args.resume is not None and args.overwrite:
         parser.error("--resume and --overwrite contradict each other; pick one")
     if args.config is None:
         args.config = Path(args.resume) / "config.yaml" if args.resume else DEMO_CONFIG

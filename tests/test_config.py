@@ -107,3 +107,14 @@ def test_readme_config_reference_matches_the_config_tree():
     from modules.config import reference_table
 
     assert reference_table() in (REPO / "README.md").read_text(), "regenerate the README table from reference_table()"
+
+
+def test_contradicting_and_ambiguous_flags(capsys):
+    import train
+
+    for flags in (["--resume", "--overwrite"], ["--resume", "runs/x/checkpoints/step-000010", "--overwrite"]):
+        with pytest.raises(SystemExit) as stopped:
+            train.parse_args(flags)
+        assert stopped.value.code == 2 and "contradict" in capsys.readouterr().err
+    args = train.parse_args(["--resume", "lora.r=8"])  # an override after a bare --resume is not a path
+    assert args.resume == "" and args.overrides == ["lora.r=8"]
