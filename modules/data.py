@@ -60,12 +60,8 @@ def build_datasets(data: DataConfig, tokenizer, seed: int):
     return train_set, eval_set, audit
 
 
-def build_train_dataset(data: DataConfig, tokenizer):
-    """Read, validate and tokenize the training file. Returns (datasets.Dataset, DataAudit)."""
-    return tokenize_file(Path(data.train), data, tokenizer)
-
-
 def tokenize_file(path: Path, data: DataConfig, tokenizer):
+    """Read, validate and tokenize one JSONL file. Returns (datasets.Dataset, DataAudit)."""
     rows = read_jsonl(path)
     audit = DataAudit(rows_read=len(rows))
 

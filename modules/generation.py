@@ -16,9 +16,6 @@ class GenerationSettings:
     top_p: float = 0.9
 
 
-GREEDY = GenerationSettings(greedy=True)
-
-
 @torch.no_grad()
 def reply(model, tokenizer, messages: list[dict], settings: GenerationSettings, streamer=None) -> str:
     """The assistant's next turn for `messages`, rendered with the tokenizer's chat template."""
@@ -40,20 +37,20 @@ def reply(model, tokenizer, messages: list[dict], settings: GenerationSettings, 
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
-def compare_answers(peft_model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    """One row per prompt: the base model's greedy answer and the tuned model's."""
+def compare_answers(
+    peft_model, tokenizer, prompts: list[str], max_new_tokens: int, base_answers: list[str] | None = None
+) -> list[dict]:
+    """One row per prompt: the base model's greedy answer (adapter disabled; reused when given) and the tuned one."""
     settings = GenerationSettings(max_new_tokens=max_new_tokens, greedy=True)
+    conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
     was_training = peft_model.training
     peft_model.eval()
-    rows = []
-    for prompt in prompts:
-        messages = [{"role": "user", "content": prompt}]
+    if base_answers is None:
         with peft_model.disable_adapter():
-            base = reply(peft_model, tokenizer, messages, settings)
-        tuned = reply(peft_model, tokenizer, messages, settings)
-        rows.append({"prompt": prompt, "base": base, "tuned": tuned})
+            base_answers = [reply(peft_model, tokenizer, c, settings) for c in conversations]
+    tuned = [reply(peft_model, tokenizer, c, settings) for c in conversations]
     peft_model.train(was_training)
-    return rows
+    return [{"prompt": p, "base": b, "tuned": t} for p, b, t in zip(prompts, base_answers, tuned, strict=True)]
 
 
 class SampleWriter:
@@ -64,25 +61,16 @@ class SampleWriter:
 
     def __init__(self, path: Path, eval_config, enabled: bool):
         self.path, self.enabled = path, enabled and bool(eval_config.sample_prompts)
-        self.prompts, self.settings = eval_config.sample_prompts, GenerationSettings(eval_config.max_new_tokens, True)
+        self.prompts, self.max_new_tokens = eval_config.sample_prompts, eval_config.max_new_tokens
         self.base_answers: list[str] | None = None
         self.last_step, self.last_rows = None, []
 
     def write(self, peft_model, tokenizer, step: int) -> list[dict]:
         if not self.enabled or step == self.last_step:  # an early stop ends right after an eval's samples
             return self.last_rows
-        was_training = peft_model.training
-        peft_model.eval()
-        conversations = [[{"role": "user", "content": prompt}] for prompt in self.prompts]
-        if self.base_answers is None:
-            with peft_model.disable_adapter():
-                self.base_answers = [reply(peft_model, tokenizer, c, self.settings) for c in conversations]
-        tuned = [reply(peft_model, tokenizer, c, self.settings) for c in conversations]
-        peft_model.train(was_training)
-        rows = [
-            {"step": step, "prompt": p, "base": b, "tuned": t}
-            for p, b, t in zip(self.prompts, self.base_answers, tuned, strict=True)
-        ]
+        rows = compare_answers(peft_model, tokenizer, self.prompts, self.max_new_tokens, self.base_answers)
+        self.base_answers = [row["base"] for row in rows]
+        rows = [{"step": step, **row} for row in rows]
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write("".join(json.dumps(row) + "\n" for row in rows))
         self.last_step, self.last_rows = step, rows

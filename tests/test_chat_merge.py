@@ -11,7 +11,7 @@ from test_train import run_cli
 
 from modules.adapter import inspect_adapter, load_with_adapter
 from modules.errors import UserError
-from modules.generation import GREEDY, reply
+from modules.generation import GenerationSettings, reply
 
 pytestmark = pytest.mark.slow
 PROMPT = [{"role": "user", "content": "Is the sea wide?"}]
@@ -101,7 +101,7 @@ def test_chat_prompt_answers_once_like_the_adapter_does(adapter_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model = load_with_adapter(inspect_adapter(adapter_dir), "4bit", torch.device("cpu"), tokenizer)
-    expected = reply(model, tokenizer, PROMPT, GREEDY.__class__(max_new_tokens=8, greedy=True))
+    expected = reply(model, tokenizer, PROMPT, GenerationSettings(max_new_tokens=8, greedy=True))
     assert expected and result.stdout.strip().endswith(expected)
 
 
@@ -139,7 +139,7 @@ def test_compare_writes_base_and_tuned_answers_and_behaviour_rates(adapter_dir, 
     plain_base = AutoModelForCausalLM.from_pretrained(
         tiny_model_dir, quantization_config=quantization, dtype=torch.float32, device_map={"": "cpu"}
     )
-    settings = GREEDY.__class__(max_new_tokens=6, greedy=True)
+    settings = GenerationSettings(max_new_tokens=6, greedy=True)
     assert rows[0]["base"] == reply(plain_base, tokenizer, PROMPT, settings)  # really the base, adapter off
     assert rows[0]["tuned"] != rows[0]["base"]
 

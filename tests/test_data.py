@@ -3,7 +3,7 @@ import torch
 from conftest import build_tokenizer, chat_row, write_jsonl
 
 from modules.config import DataConfig
-from modules.data import IGNORE_INDEX, PaddingCollator, build_train_dataset, tokenize_conversation
+from modules.data import IGNORE_INDEX, PaddingCollator, tokenize_conversation, tokenize_file
 from modules.errors import UserError
 
 
@@ -46,7 +46,7 @@ def test_the_template_is_not_given_a_second_bos(tmp_path):
 def test_build_truncates_and_drops_rows_with_nothing_left_to_train(tmp_path, tokenizer):
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 20
     path = write_jsonl(tmp_path / "rows.jsonl", [chat_row("hi", "Ahoy!"), chat_row(long_prompt, "Arr!")])
-    dataset, audit = build_train_dataset(DataConfig(train=str(path), max_seq_len=32), tokenizer)
+    dataset, audit = tokenize_file(path, DataConfig(train=str(path), max_seq_len=32), tokenizer)
     assert len(dataset) == 1 and audit.rows_read == 2 and audit.rows_kept == 1
     assert audit.dropped == {"with no assistant token left after truncation": 1}
     assert audit.rows_truncated == 1
@@ -57,7 +57,7 @@ def test_build_truncates_and_drops_rows_with_nothing_left_to_train(tmp_path, tok
 def test_a_dataset_with_nothing_trainable_is_refused(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "rows.jsonl", [chat_row("The quick brown fox " * 20, "Arr!")])
     with pytest.raises(UserError, match="no trainable rows remain"):
-        build_train_dataset(DataConfig(train=str(path), max_seq_len=16), tokenizer)
+        tokenize_file(path, DataConfig(train=str(path), max_seq_len=16), tokenizer)
 
 
 @pytest.mark.parametrize(
@@ -75,16 +75,16 @@ def test_a_dataset_with_nothing_trainable_is_refused(tmp_path, tokenizer):
 def test_bad_rows_are_named_with_file_and_line(tmp_path, tokenizer, rows, message):
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     with pytest.raises(UserError, match=message):
-        build_train_dataset(DataConfig(train=str(path)), tokenizer)
+        tokenize_file(path, DataConfig(train=str(path)), tokenizer)
 
 
 def test_missing_and_non_utf8_files(tmp_path, tokenizer):
     with pytest.raises(UserError, match="does not exist"):
-        build_train_dataset(DataConfig(train=str(tmp_path / "missing.jsonl")), tokenizer)
+        tokenize_file(tmp_path / "missing.jsonl", DataConfig(train="missing.jsonl"), tokenizer)
     path = tmp_path / "latin1.jsonl"
     path.write_bytes('{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'.encode("latin-1"))
     with pytest.raises(UserError, match="latin1.jsonl line 1 is not UTF-8"):
-        build_train_dataset(DataConfig(train=str(path)), tokenizer)
+        tokenize_file(path, DataConfig(train=str(path)), tokenizer)
 
 
 def test_collator_pads_right_with_pad_token_and_ignore_index():
@@ -94,3 +94,19 @@ def test_collator_pads_right_with_pad_token_and_ignore_index():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
     assert batch["input_ids"].dtype == torch.long
+
+
+def test_eval_fraction_holds_out_a_seeded_disjoint_split(tmp_path, tokenizer):
+    from modules.data import build_datasets
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [chat_row(f"question {i}", f"answer {i}") for i in range(20)])
+    config = DataConfig(train=str(path), eval_fraction=0.25)
+    train, held_out, audit = build_datasets(config, tokenizer, seed=3)
+    again_train, again_held_out, _ = build_datasets(config, tokenizer, seed=3)
+    _, other_held_out, _ = build_datasets(config, tokenizer, seed=4)
+    assert (len(train), len(held_out), audit.eval_rows) == (15, 5, 5)
+    as_rows = lambda dataset: {tuple(ids) for ids in dataset["input_ids"]}  # noqa: E731
+    assert not as_rows(train) & as_rows(held_out)
+    assert as_rows(held_out) == as_rows(again_held_out) and as_rows(train) == as_rows(again_train)
+    assert as_rows(held_out) != as_rows(other_held_out)
+    assert build_datasets(DataConfig(train=str(path)), tokenizer, seed=3)[1] is None
