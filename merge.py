@@ -43,6 +43,11 @@ def merge(args: argparse.Namespace) -> Path:
     model = load_with_adapter(info, load, torch.device("cpu"), tokenizer)  # merging needs no GPU
     merged = model.merge_and_unload().to(DTYPES[args.dtype])
     merged.config.pad_token_id = tokenizer.pad_token_id
+    # The tokenizer's EOS ends a turn (<|im_end|> when training gave a base model ChatML): generate() stops there.
+    stops = merged.generation_config.eos_token_id
+    stops = [stops] if isinstance(stops, int) else list(stops or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+        merged.generation_config.eos_token_id = [tokenizer.eos_token_id, *stops]
 
     def write(folder: Path) -> None:
         merged.save_pretrained(folder, safe_serialization=True, max_shard_size=args.max_shard_size)

@@ -32,7 +32,7 @@ from modules.checkpoint import (
     write_text_atomic,
 )
 from modules.config import RunConfig, dump_config, load_config, run_changing_differences
-from modules.data import IGNORE_INDEX, PaddingCollator, build_datasets
+from modules.data import IGNORE_INDEX, PaddingCollator, build_datasets, print_audit
 from modules.errors import UserError, report_user_error
 from modules.evaluate import evaluate
 from modules.generation import SampleWriter
@@ -45,6 +45,7 @@ from modules.model import (
     resolve_precision,
 )
 from modules.optim import build_optimizer, build_scheduler, total_optimizer_steps
+from modules.packing import VARLEN, PackedCollator, real_tokens
 from modules.report import write_report
 from modules.sources import resolve_model_source
 from modules.tracking import (
@@ -52,6 +53,7 @@ from modules.tracking import (
     MetricsLog,
     finish_wandb,
     format_plan,
+    log_audit,
     log_samples,
     mfu,
     peak_flops,
@@ -122,7 +124,8 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         source = resolve_model_source(config.model.name_or_path)
         tokenizer = load_tokenizer(source)
         summary = inspect_model(config, source)
-        train_set, eval_set, audit = build_datasets(config.data, tokenizer, config.train.seed)
+        data = build_datasets(config.data, tokenizer, config.train.seed)
+    train_set, eval_set, audit = data.train, data.eval, data.audit
     accum = config.train.grad_accum_steps
     micro_batches_per_epoch = math.ceil(len(train_set) / (config.train.micro_batch_size * state.num_processes))
     total_steps = total_optimizer_steps(config.train, micro_batches_per_epoch)
@@ -159,11 +162,14 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     )
     register_adapter_only_state(accelerator)
     set_seed(config.train.seed)
-    model = load_model(config, source, tokenizer, precision, attention, accelerator.device)
+    model = load_model(config, source, tokenizer, precision, attention, accelerator.device, data.trainable_token_ids)
     optimizer = build_optimizer(model, config.train)
     # Not prepared: accelerate would step it once per process; we count optimizer steps globally.
     scheduler = build_scheduler(optimizer, warmup_steps, total_steps, config.train.min_lr_ratio)
-    collate = PaddingCollator(tokenizer.pad_token_id)
+    if config.data.packing:  # varlen kernels take the sample boundaries; sdpa/eager read them from position_ids
+        collate = PackedCollator(varlen_kwargs=attention in ("flash_attention_2", VARLEN))
+    else:
+        collate = PaddingCollator(tokenizer.pad_token_id)
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=config.train.micro_batch_size,
@@ -177,6 +183,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         accelerator.load_state(str(resume_from))  # adapter, optimizer, scheduler, scaler, RNG states
     wandb_run = start_trackers(accelerator, config, wandb_mode, output_dir, progress.wandb_run_id)
     progress.wandb_run_id = wandb_run.id if wandb_run is not None else progress.wandb_run_id
+    log_audit(wandb_run, audit)
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     samples = SampleWriter(output_dir / "samples.jsonl", config.eval, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
@@ -204,7 +211,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
                 # gradient is exactly that of the step's token-weighted mean loss.
                 accelerator.backward(loss * accum * accelerator.num_processes)
             step_loss += loss.detach()
-            window.tokens += batch["attention_mask"].sum()
+            window.tokens += real_tokens(batch)
             progress.micro_step += 1
 
         # accumulate() synchronised the gradients on the step's last micro-batch.
@@ -381,6 +388,7 @@ def print_plan(
     train = config.train
     rows_per_step = train.micro_batch_size * train.grad_accum_steps * state.num_processes
     mean_row = audit.tokens / max(audit.rows_kept, 1)
+    tokens_per_row = audit.tokens / audit.packed_rows if audit.packed_rows else mean_row
     if model is not None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         params = f"{summary.total_params:,} total, {trainable:,} trainable ({trainable / summary.total_params:.2%})"
@@ -401,10 +409,10 @@ def print_plan(
         ("data", audit.summary()),
         (
             "effective batch",
-            f"{rows_per_step} rows = {train.micro_batch_size} micro x {train.grad_accum_steps} "
-            f"accum x {state.num_processes} process(es)",
+            f"{rows_per_step} {'packed rows' if audit.packed_rows else 'rows'} = {train.micro_batch_size} micro x "
+            f"{train.grad_accum_steps} accum x {state.num_processes} process(es)",
         ),
-        ("tokens per step", f"~{rows_per_step * mean_row:,.0f} (mean row {mean_row:.0f} tokens)"),
+        ("tokens per step", f"~{rows_per_step * tokens_per_row:,.0f} (mean sample {mean_row:.0f} tokens)"),
         (
             "schedule",
             f"{total_steps} optimizer steps, {warmup_steps} warmup, cosine to "
@@ -426,6 +434,7 @@ def print_plan(
     ]
     if resumed_from is not None:
         rows.append(("resumed from", f"{resumed_from} (step {RunProgress.read(resumed_from).optimizer_step})"))
+    print_audit(audit)
     print("Plan:\n" + format_plan(rows), flush=True)
 
 

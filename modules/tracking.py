@@ -61,6 +61,25 @@ def start_trackers(accelerator, config: RunConfig, wandb_mode: str, output_dir: 
     return accelerator.get_tracker("wandb", unwrap=True) if accelerator.is_main_process else None
 
 
+def log_audit(run, audit) -> None:
+    """The data audit in W&B: its numbers in the run config, and the example sample with trained tokens marked."""
+    if run is None:
+        return
+    import html
+
+    import wandb
+
+    run.config.update({"data_audit": audit.numbers()}, allow_val_change=True)
+    pieces = "".join(
+        f'<span style="background:#c8f7c5">{html.escape(text)}</span>'
+        if trained
+        else f'<span style="color:#888">{html.escape(text)}</span>'
+        for text, trained in audit.example
+    )
+    legend = "<p>Trained tokens highlighted green, masked tokens grey.</p>"
+    run.log({"data/example": wandb.Html(f"{legend}<pre style='white-space:pre-wrap'>{pieces}</pre>")}, step=0)
+
+
 def log_samples(run, rows: list[dict], step: int) -> None:
     """Sample answers as a W&B table, one row per prompt and evaluation step."""
     if run is not None:

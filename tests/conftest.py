@@ -41,10 +41,19 @@ def build_tokenizer(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama with the tiny tokenizer, saved as bf16 safetensors like a hub model."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), build_tokenizer())
+
+
+def base_tokenizer():
+    """Like a base model's: no chat template, no ChatML tokens, EOS = UNK, no pad."""
+    tokenizer = build_tokenizer(special_tokens=("<|endoftext|>",), eos_token="<|endoftext|>", pad_token=None)
+    tokenizer.chat_template = None
+    return tokenizer
+
+
+def save_tiny_llama(folder: Path, tokenizer, tie_word_embeddings: bool = False) -> Path:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -57,7 +66,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         initializer_range=0.25,  # a frozen lm_head of std 0.02 caps the logits: loss could hardly fall
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -116,7 +125,7 @@ def write_config(path: Path, model_dir: Path, train_file: Path, output_dir: Path
 
 
 @pytest.fixture(autouse=True)
-def reset_process_state(monkeypatch):
+def reset_process_state(monkeypatch, tmp_path_factory):
     """Accelerate keeps singletons; env vars and the default dtype leak between in-process runs."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
@@ -124,6 +133,9 @@ def reset_process_state(monkeypatch):
         if name.startswith(("ACCELERATE_", "WANDB_")):
             monkeypatch.delenv(name)
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # Each test tokenizes afresh unless it reuses this cache on purpose; the model cache stays shared.
+    monkeypatch.setenv("QLORA_LOOP_DATA_CACHE", str(tmp_path_factory.mktemp("tokenized")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no test may wait on the network
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
