@@ -409,7 +409,7 @@ def print_plan(
         ("data", audit.summary()),
         (
             "effective batch",
-            f"{rows_per_step} {'packed rows' if audit.packed_rows else 'rows'} = {train.micro_batch_size} micro x "
+            f"{rows_per_step} {'packed row(s)' if audit.packed_rows else 'rows'} = {train.micro_batch_size} micro x "
             f"{train.grad_accum_steps} accum x {state.num_processes} process(es)",
         ),
         ("tokens per step", f"~{rows_per_step * tokens_per_row:,.0f} (mean sample {mean_row:.0f} tokens)"),

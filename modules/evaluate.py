@@ -23,7 +23,9 @@ def evaluate(accelerator, model, eval_set, collate, micro_batch_size: int) -> di
     tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
     one = torch.ones((), device=accelerator.device)
     for batch in loader:
-        batch = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
+        batch = {
+            name: value.to(accelerator.device) if torch.is_tensor(value) else value for name, value in batch.items()
+        }
         with accelerator.autocast():
             # num_items_in_batch=1 makes the model return the summed, not the mean, cross-entropy
             loss_sum += inner(**batch, num_items_in_batch=one).loss.float()

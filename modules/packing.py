@@ -180,7 +180,17 @@ def register_varlen_attention() -> None:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         cumulative = cumulative.to(q.device, torch.int32)
         longest = int(kwargs["max_length_q"])
-        out = varlen_attn(q, k, v, cumulative, cumulative, longest, longest, scale=scaling, **causal, **gqa)
+        window = kwargs.get("sliding_window")
+        mask = dict(causal)
+        if window is not None and window < longest:
+            if "window_size" not in parameters:
+                raise ValueError(
+                    f"this torch's varlen_attn has no sliding window ({window}); use attn_implementation sdpa"
+                )
+            mask = {"window_size": (window - 1, 0)}
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            raise ValueError("the varlen attention backend has no logit softcapping or sinks; use sdpa")
+        out = varlen_attn(q, k, v, cumulative, cumulative, longest, longest, scale=scaling, **mask, **gqa)
         return out[None], None  # (1, tokens, heads, dim), as transformers' backends return
 
     AttentionInterface.register(VARLEN, varlen_attention)

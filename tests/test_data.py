@@ -320,3 +320,28 @@ def test_collator_pads_right_with_pad_token_and_ignore_index():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
     assert batch["input_ids"].dtype == torch.long
+
+
+def test_guanaco_text_is_rewritten_as_chat_rows(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    rows = [
+        {"text": "### Human: Is the sea wide?### Assistant: Ahoy! It is.### Human: Fast?### Assistant: Arr."},
+        {"text": "### Assistant: answer first"},
+    ]
+    source = write_jsonl(tmp_path / "guanaco.jsonl", rows)
+    out = tmp_path / "chat.jsonl"
+    script = REPO / "data" / "guanaco_to_messages.py"
+    done = subprocess.run([sys.executable, str(script), str(source), str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "1 conversations written" in done.stdout and "1 rows skipped" in done.stdout
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["messages"] == [
+        {"role": "user", "content": "Is the sea wide?"},
+        {"role": "assistant", "content": "Ahoy! It is."},
+        {"role": "user", "content": "Fast?"},
+        {"role": "assistant", "content": "Arr."},
+    ]

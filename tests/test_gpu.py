@@ -20,3 +20,53 @@ def test_gpu_run_uses_bf16_and_reports_cuda_memory(tmp_path, tiny_model_dir, cha
     records = read_metrics(tmp_path / "run")
     assert records[-1]["loss"] < 0.7 * records[0]["loss"]
     assert 0 < records[-1]["peak_memory_gib"] < 2  # torch's CUDA allocator, not the process RSS
+
+
+def test_packed_rows_through_the_varlen_kernel_equal_each_sample_alone(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from modules.data import IGNORE_INDEX
+    from modules.packing import VARLEN, PackedCollator, register_varlen_attention, varlen_available
+
+    if not varlen_available(torch.device("cuda")):
+        pytest.skip("torch.nn.attention.varlen needs torch >= 2.10 on an Ampere or newer GPU")
+    register_varlen_attention()
+
+    def load(attention):
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, dtype=torch.bfloat16, attn_implementation=attention, device_map={"": "cuda"}
+        )
+        model.config.use_cache = False
+        return model
+
+    packed_model, alone_model = load(VARLEN), load("sdpa")
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for length in (37, 5, 120, 64):
+        ids = torch.randint(3, 300, (length,), generator=generator).tolist()
+        samples.append({"input_ids": ids, "labels": [IGNORE_INDEX, *ids[1:]]})
+    batch = PackedCollator(varlen_kwargs=True)([samples[:2], samples[2:]])
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    packed = packed_model(**batch, num_items_in_batch=torch.tensor(1)).logits[0].float()
+    start = 0
+    for sample in samples:
+        ids = torch.tensor([sample["input_ids"]], device="cuda")
+        alone = alone_model(input_ids=ids).logits[0].float()
+        piece = packed[start : start + ids.shape[1]]
+        assert (piece - alone).norm() / alone.norm() < 2e-2  # bf16 kernels differ only by rounding
+        start += ids.shape[1]
+
+
+def test_gpu_run_with_packing_picks_the_varlen_kernel(tmp_path, tiny_model_dir, chat_file):
+    from modules.packing import varlen_available
+
+    if not varlen_available(torch.device("cuda")):
+        pytest.skip("torch.nn.attention.varlen needs torch >= 2.10 on an Ampere or newer GPU")
+    config = write_config(
+        tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "run", train={"micro_batch_size": 1}
+    )
+    result = run_cli("--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "attention        varlen" in result.stdout and "packed into" in result.stdout
+    records = read_metrics(tmp_path / "run")
+    assert records[-1]["loss"] < 0.7 * records[0]["loss"]

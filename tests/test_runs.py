@@ -215,7 +215,7 @@ def eval_file(tmp_path):
 
 def test_eval_loss_is_token_weighted_over_all_eval_rows(tmp_path, tiny_model_dir, chat_file, eval_file):
     from modules.config import DataConfig
-    from modules.data import tokenize_file
+    from modules.data import load_samples
 
     result = train_in_process(
         tmp_path,
@@ -230,7 +230,7 @@ def test_eval_loss_is_token_weighted_over_all_eval_rows(tmp_path, tiny_model_dir
     evals = [r for r in read_metrics(result.output_dir) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [3, 6]
 
-    rows, _ = tokenize_file(eval_file, DataConfig(train=str(eval_file)), result.tokenizer)
+    rows, _, _ = load_samples(str(eval_file), DataConfig(train=str(eval_file)), result.tokenizer)
     model, total, tokens = result.model.eval(), 0.0, 0
     with torch.no_grad():
         for row in rows:  # one row at a time: no padding at all

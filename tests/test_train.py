@@ -98,12 +98,31 @@ def test_launcher_and_run_config_disagreeing_on_precision_is_refused(tmp_path, t
     assert not (tmp_path / "run").exists()
 
 
-def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_model_dir, chat_file):
-    config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "run")
+def test_dry_run_prints_audit_and_plan_without_loading_weights(tmp_path, tiny_model_dir, chat_file):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "model.safetensors").write_bytes(b"not weights")  # loading them would fail
+    config = write_config(tmp_path / "run.yaml", model_dir, chat_file, tmp_path / "run")
     result = run_cli("--config", str(config), "--dry-run")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rows read 24, kept 24" in result.stdout and "20 optimizer steps, 2 warmup" in result.stdout
+    assert "format messages (detected" in result.stdout and "packed into" in result.stdout
+    assert "Example sample (trained tokens inside [[ ]]" in result.stdout and "[[Ahoy!" in result.stdout
+    assert "read from the cache" not in result.stdout
     assert not (tmp_path / "run").exists()
+    again = run_cli("--config", str(config), "--dry-run")
+    assert "(tokenized earlier: read from the cache)" in again.stdout
+
+
+def test_a_hub_dataset_that_cannot_be_reached_is_a_clear_error(tmp_path, tiny_model_dir, chat_file):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "run")
+    result = run_cli("--config", str(config), "data.train=someone/no-such-dataset:train", "--dry-run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "data 'someone/no-such-dataset:train' is not a local file or folder" in result.stderr
+    missing = run_cli("--config", str(config), "data.train=data/typo.jsonl", "--dry-run")
+    assert missing.returncode == 2 and "data file data/typo.jsonl does not exist" in missing.stderr
 
 
 def train_in_process(tmp_path, model_dir, data, name, *overrides):
@@ -162,6 +181,10 @@ def test_wandb_offline_run_is_written_under_output_dir(tmp_path, tiny_model_dir,
     )
     runs = list((result.output_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "an offline W&B run that `wandb sync` can upload"
+    records = next(runs[0].glob("*.wandb")).read_bytes()  # config and logs live in the record log offline
+    assert b"data_audit" in records and b"packing_efficiency" in records and b"trained_token_fraction" in records
+    (example,) = (runs[0] / "files" / "media" / "html" / "data").glob("example*.html")
+    assert '<span style="background:#c8f7c5">Ahoy!' in example.read_text()  # trained tokens highlighted
 
 
 def test_a_model_without_a_spare_token_gets_a_new_pad_and_still_reloads(tmp_path, chat_file):
