@@ -154,10 +154,15 @@ def varlen_available(device: torch.device) -> bool:
 
 
 def register_varlen_attention() -> None:
-    """Make attn_implementation="varlen" available to transformers models (needs packed batches)."""
+    """Make attn_implementation="varlen" available to transformers models.
+
+    Packed batches (with cu_seq_lens) run the varlen kernel and need no mask at all. Anything else,
+    such as generating samples or chatting with the trained model, runs SDPA with its usual mask.
+    """
     from torch.nn.attention.varlen import varlen_attn
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     parameters = inspect.signature(varlen_attn).parameters
     causal = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
@@ -165,8 +170,8 @@ def register_varlen_attention() -> None:
 
     def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         cumulative = kwargs.get("cu_seq_lens_q")
-        if cumulative is None or query.shape[0] != 1:
-            raise ValueError("the varlen attention backend needs packed batches (data.packing: true)")
+        if cumulative is None or query.shape[0] != 1:  # not a packed batch
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
         if dropout:
             raise ValueError("the varlen attention backend has no attention dropout")
         # (1, heads, tokens, dim) -> (tokens, heads, dim)
@@ -194,4 +199,9 @@ def register_varlen_attention() -> None:
         return out[None], None  # (1, tokens, heads, dim), as transformers' backends return
 
     AttentionInterface.register(VARLEN, varlen_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, lambda *args, **kwargs: None)  # no mask: lengths say it all
+
+    def varlen_mask(*args, attention_mask=None, **kwargs):
+        # No 2-D mask given: a packed batch (the lengths say it all) or one unpadded sequence (causal).
+        return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, varlen_mask)

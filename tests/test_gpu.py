@@ -56,6 +56,16 @@ def test_packed_rows_through_the_varlen_kernel_equal_each_sample_alone(tiny_mode
         assert (piece - alone).norm() / alone.norm() < 2e-2  # bf16 kernels differ only by rounding
         start += ids.shape[1]
 
+    # Unpacked inputs (samples, chat) fall back to SDPA with its usual masks, padding included.
+    ids = torch.tensor([samples[0]["input_ids"]], device="cuda")
+    torch.testing.assert_close(packed_model(input_ids=ids).logits, alone_model(input_ids=ids).logits)
+    padded = torch.tensor([[0, 0, *samples[1]["input_ids"]], [5, 6, *samples[1]["input_ids"]]], device="cuda")
+    mask = torch.tensor([[0, 0] + [1] * 5, [1] * 7], device="cuda")
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "use_cache": True}
+    with torch.no_grad():
+        expected = alone_model.generate(input_ids=padded, attention_mask=mask, **kwargs)
+        assert torch.equal(packed_model.generate(input_ids=padded, attention_mask=mask, **kwargs), expected)
+
 
 def test_gpu_run_with_packing_picks_the_varlen_kernel(tmp_path, tiny_model_dir, chat_file):
     from modules.packing import varlen_available

@@ -106,11 +106,12 @@ def test_a_packed_row_gives_the_summed_loss_and_gradients_of_its_samples_run_alo
         samples.append({"input_ids": ids, "labels": labels})
 
     def loss_and_grads(batch):
+        batch = {key: value.to(model.device) for key, value in batch.items()}  # the GPU when the suite runs there
         model.zero_grad()
-        loss = model(**batch, num_items_in_batch=torch.tensor(1)).loss  # the summed cross-entropy
+        loss = model(**batch, num_items_in_batch=torch.tensor(1, device=model.device)).loss  # the summed CE
         loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        return loss.detach(), grads
+        grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach().cpu(), grads
 
     packed_loss, packed_grads = loss_and_grads(PackedCollator()([samples[:2], samples[2:]]))
     alone_loss, alone_grads = torch.zeros(()), None
