@@ -101,10 +101,11 @@ def register_adapter_only_state(accelerator) -> None:
             model = accelerator.unwrap_model(models.pop())
             state = load_file(Path(folder) / "adapter" / "adapter_model.safetensors", device=str(accelerator.device))
             result = set_peft_model_state_dict(model, state)
-            if result.unexpected_keys:
-                raise UserError(
-                    f"checkpoint {folder} holds adapter weights this model lacks: {result.unexpected_keys[:3]}"
-                )
+            # Trained token rows of an lm_head tied to the embedding are saved twice; the model holds them once.
+            tied = [name for name, module in model.named_modules() if getattr(module, "tied_adapter", None) is not None]
+            unexpected = [key for key in result.unexpected_keys if not any(key.startswith(f"{t}.") for t in tied)]
+            if unexpected:
+                raise UserError(f"checkpoint {folder} holds adapter weights this model lacks: {unexpected[:3]}")
 
     accelerator.register_save_state_pre_hook(save_adapter)
     accelerator.register_load_state_pre_hook(load_adapter)

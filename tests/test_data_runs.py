@@ -105,3 +105,34 @@ def test_a_base_model_learns_chatml_tokens_and_the_adapter_carries_them(tmp_path
     trained_rows = embedding.trainable_tokens_delta["default"].detach().cpu()
     assert torch.equal(merged.get_input_embeddings().weight[chatml_ids], trained_rows)
     assert chatml_ids[1] in merged.generation_config.eos_token_id
+
+
+def test_a_chatml_run_resumes_exactly(tmp_path, base_model_dir):
+    import shutil
+
+    from conftest import write_config
+    from test_train import run_cli
+
+    data = write_jsonl(tmp_path / "rows.jsonl", rows_in("messages"))
+    full = tmp_path / "full"
+    config = write_config(
+        tmp_path / "run.yaml",
+        base_model_dir,
+        data,
+        full,
+        train={"max_steps": 6, "micro_batch_size": 1},
+        checkpoint={"every_steps": 3},
+        lora={"dropout": 0.0},
+    )
+    done = run_cli("--config", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "adapter")
+    again = run_cli(
+        "--config", str(config), f"output_dir={resumed}", "--resume", str(resumed / "checkpoints" / "step-000003")
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    expected, got = (load_file(folder / "adapter" / "adapter_model.safetensors") for folder in (full, resumed))
+    assert expected.keys() == got.keys() and any("trainable_tokens_delta" in key for key in got)
+    assert max((expected[k].float() - got[k].float()).abs().max().item() for k in expected) <= 1e-6
