@@ -345,3 +345,19 @@ def test_guanaco_text_is_rewritten_as_chat_rows(tmp_path):
         {"role": "user", "content": "Fast?"},
         {"role": "assistant", "content": "Arr."},
     ]
+
+
+def test_parallel_tokenization_gives_the_serial_result_and_names_bad_rows(tmp_path, tokenizer, monkeypatch):
+    import modules.data as data_module
+
+    rows = [chat_row(f"question {i}", "Ahoy! " * (1 + i % 5)) for i in range(40)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    config = DataConfig(train=str(path), cache=False)
+    serial, _, _ = load_samples(str(path), config, tokenizer)
+    monkeypatch.setattr(data_module, "PARALLEL_FROM_ROWS", 10)  # 40 rows: two worker processes
+    parallel, audit, _ = load_samples(str(path), config, tokenizer)
+    assert parallel["input_ids"] == serial["input_ids"] and parallel["labels"] == serial["labels"]
+    assert audit.rows_read == 40
+    write_jsonl(path, [*rows[:35], {"messages": [{"role": "pirate", "content": "arr"}]}, *rows[35:]])
+    with pytest.raises(UserError, match=r"rows.jsonl row 36, turn 1: unknown role 'pirate'"):
+        load_samples(str(path), config, tokenizer)
