@@ -1,0 +1,292 @@
+"""Our loop against transformers.Trainer on the same QLoRA job: tokens/s, MFU and peak GPU memory.
+
+    python benchmarks/bench.py [--shape llama3-8b] [--seq-len 2048] [--steps 10] [--warmup 3] \
+        [--runs trainer:2:gc ours:2:gc ours:2:nogc ...] [--out results.jsonl]
+
+A run is WHO:BATCH:RECOMPUTE[:liger], WHO being `trainer` or `ours`, BATCH rows of --seq-len tokens
+per optimizer step (micro-batch, no accumulation), RECOMPUTE `gc` (gradient checkpointing) or
+`nogc`; `liger` adds liger-kernel to Trainer (use_liger_kernel=True). Each run is its own process, so
+peak memory is its own. The job: a random-weight model of the named shape saved once under
+--model-dir (no hub), NF4 with double quantization, LoRA r 16 / alpha 32 / dropout 0.05 on all 7
+projections, AdamW lr 2e-4, cosine with warmup, bf16 autocast; rows of exactly --seq-len tokens
+of random words, every token trained, so neither side pads. Trainer runs the documented QLoRA
+recipe (prepare_model_for_kbit_training, SDPA); ours runs train.py with its defaults (packing,
+which on a GPU picks the varlen attention kernel). Tokens/s is measured over the steps after
+--warmup. The table's ratios are to the best Trainer tokens/s and the lowest Trainer peak memory.
+"""
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = {
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        rope_theta=10000.0,
+    ),
+}
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model(shape: str, folder: Path, seq_len: int) -> None:
+    """Random weights of a named shape, saved in bf16 with a one-word-one-token tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    if (folder / "config.json").is_file():
+        return
+    started = time.perf_counter()
+    sizes = SHAPES[shape]
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2} | {f"w{i}": i for i in range(3, sizes["vocab_size"])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    config = LlamaConfig(**sizes, max_position_embeddings=max(8192, seq_len), bos_token_id=0, eos_token_id=1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    print(f"built {shape} in {time.perf_counter() - started:.0f} s: {folder}", flush=True)
+
+
+def write_rows(path: Path, rows: int, seq_len: int, vocab_size: int) -> None:
+    """Rows of seq_len - 2 random words: with BOS and EOS, exactly seq_len tokens."""
+    rng = random.Random(0)
+    with open(path, "w") as handle:
+        for _ in range(rows):
+            words = " ".join(f"w{rng.randrange(3, vocab_size)}" for _ in range(seq_len - 2))
+            handle.write(json.dumps({"text": words}) + "\n")
+
+
+def run_ours(spec: dict, args, data: Path) -> dict:
+    import yaml
+
+    with tempfile.TemporaryDirectory() as scratch:
+        config = {
+            "model": {"name_or_path": str(args.model_dir)},
+            "data": {"train": str(data), "max_seq_len": args.seq_len, "cache": False},
+            "train": {
+                "micro_batch_size": spec["batch"],
+                "max_steps": args.warmup + args.steps,
+                "lr": 2e-4,
+                "warmup_steps": 1,
+                "grad_checkpointing": spec["gc"],
+            },
+            "checkpoint": {"every_steps": None},
+            "log": {"every_steps": 1, "wandb": {"mode": "disabled"}},
+            "output_dir": str(Path(scratch) / "run"),
+        }
+        config_path = Path(scratch) / "run.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        done = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(config_path)], text=True)
+        if done.returncode != 0:
+            return {"error": f"train.py exited {done.returncode}"}
+        records = [json.loads(line) for line in (Path(scratch) / "run" / "metrics.jsonl").read_text().splitlines()]
+    measured = [r for r in records if "loss" in r and r["step"] > args.warmup]
+    tokens_per_step = spec["batch"] * args.seq_len
+    seconds = sum(tokens_per_step / r["tokens_per_s"] for r in measured)
+    return {
+        "tokens_per_s": tokens_per_step * len(measured) / seconds,
+        "mfu": sum(r["mfu"] for r in measured) / len(measured) if measured[0]["mfu"] is not None else None,
+        "peak_gib": max(r["peak_memory_gib"] for r in records if "peak_memory_gib" in r),
+        "final_loss": measured[-1]["loss"],
+    }
+
+
+def run_trainer(spec: dict, args, data: Path) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
+
+    gpu = torch.cuda.is_available()
+    synchronize = torch.cuda.synchronize if gpu else lambda: None
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+
+    def tokenize(row):
+        ids = tokenizer(row["text"])["input_ids"] + [tokenizer.eos_token_id]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
+
+    rows = datasets.load_dataset("json", data_files=str(data), split="train")
+    rows = rows.map(tokenize, remove_columns=["text"])
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if gpu else torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_dir, quantization_config=quantization, dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gc"])
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=PROJECTIONS, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, *unused, **kwargs):
+            synchronize()
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *unused, **kwargs):
+            synchronize()
+            self.times.append(time.perf_counter() - self.started)
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as scratch:
+        training = TrainingArguments(
+            output_dir=scratch,
+            per_device_train_batch_size=spec["batch"],
+            max_steps=args.warmup + args.steps,
+            learning_rate=2e-4,
+            lr_scheduler_type="cosine",
+            warmup_steps=1,
+            optim="adamw_torch",
+            bf16=gpu,
+            gradient_checkpointing=spec["gc"],
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            use_liger_kernel=spec["liger"],
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(
+            model=model, args=training, train_dataset=rows, data_collator=default_data_collator, callbacks=[timer]
+        )
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    measured = timer.times[args.warmup :]
+    return {
+        "tokens_per_s": spec["batch"] * args.seq_len * len(measured) / sum(measured),
+        "mfu": None,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0,
+        "final_loss": losses[-1] if losses else None,
+    }
+
+
+def parse_spec(text: str) -> dict:
+    parts = text.split(":")
+    who, batch, recompute, *extra = parts
+    if who not in ("ours", "trainer") or recompute not in ("gc", "nogc") or set(extra) - {"liger"}:
+        raise SystemExit(f"bad run {text!r}: WHO:BATCH:gc|nogc[:liger], WHO ours or trainer")
+    return {"name": text, "who": who, "batch": int(batch), "gc": recompute == "gc", "liger": "liger" in extra}
+
+
+def flops_per_token(shape: str, seq_len: int) -> float:
+    """Our MFU numerator (modules.tracking.training_flops_per_token), for Trainer's rows too."""
+    from modules.tracking import training_flops_per_token
+
+    s = SHAPES[shape]
+    head_dim = s["hidden_size"] // s["num_attention_heads"]
+    kv = s["num_key_value_heads"] * head_dim
+    per_layer = s["hidden_size"] * (2 * s["hidden_size"] + 2 * kv) + 3 * s["hidden_size"] * s["intermediate_size"]
+    matmul = s["num_hidden_layers"] * per_layer + s["hidden_size"] * s["vocab_size"]
+    width = s["num_hidden_layers"] * s["num_attention_heads"] * head_dim
+    return training_flops_per_token(matmul, width, seq_len)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
+    parser.add_argument("--warmup", type=int, default=3, help="steps run first and not measured")
+    parser.add_argument("--runs", nargs="+", default=["trainer:2:gc", "ours:2:gc", "ours:2:nogc"])
+    parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "qlora-loop-bench")
+    parser.add_argument("--out", type=Path, help="append one JSON line per run here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one spec in this process
+    args = parser.parse_args()
+    args.model_dir = args.model_dir / f"{args.shape}"
+    data = args.model_dir.parent / f"rows-{args.shape}-{args.seq_len}.jsonl"
+
+    if args.one:
+        spec = parse_spec(args.one)
+        result = (run_ours if spec["who"] == "ours" else run_trainer)(spec, args, data)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    sys.path.insert(0, str(REPO))
+    build_model(args.shape, args.model_dir, args.seq_len)
+    most_rows = max(parse_spec(r)["batch"] for r in args.runs) * (args.steps + args.warmup)
+    write_rows(data, most_rows, args.seq_len, SHAPES[args.shape]["vocab_size"])
+    work = flops_per_token(args.shape, args.seq_len)
+    results = []
+    for text in args.runs:
+        spec = parse_spec(text)
+        started = time.perf_counter()
+        command = [sys.executable, __file__, "--one", text, *sys.argv[1:]]
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        result = json.loads(lines[-1].removeprefix("RESULT ")) if lines else {"error": done.stderr[-2000:]}
+        result |= {"run": text, "seconds": round(time.perf_counter() - started, 1)}
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        if args.out:
+            with open(args.out, "a") as handle:
+                handle.write(json.dumps(result | {"shape": args.shape, "seq_len": args.seq_len}) + "\n")
+    print_table(results, work)
+
+
+def print_table(results: list[dict], work: float) -> None:
+    import torch
+
+    peak = None
+    if torch.cuda.is_available():
+        from modules.tracking import peak_flops
+
+        peak = peak_flops(torch.device("cuda"), None)
+    ok = [r for r in results if "error" not in r]
+    trainer = [r for r in ok if r["run"].startswith("trainer")]
+    best_rate = max((r["tokens_per_s"] for r in trainer), default=None)
+    least_memory = min((r["peak_gib"] for r in trainer), default=None)
+    print("\n| run | tokens/s | MFU | peak GiB | x Trainer tokens/s | x Trainer memory |\n|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['run']} | failed: see its error | | | | |")
+            continue
+        mfu = f"{r['tokens_per_s'] * work / peak:.1%}" if peak else "n/a"
+        rate = f"{r['tokens_per_s'] / best_rate:.2f}" if best_rate else "n/a"
+        memory = f"{r['peak_gib'] / least_memory:.2f}" if least_memory else "n/a"
+        print(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_gib']:.1f} | {rate} | {memory} |")
+    print(f"(MFU numerator: {work / 1e9:.1f} GFLOP per token, modules.tracking.training_flops_per_token)")
+
+
+if __name__ == "__main__":
+    main()
