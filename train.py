@@ -36,6 +36,7 @@ from modules.data import IGNORE_INDEX, PaddingCollator, build_datasets, print_au
 from modules.errors import UserError, report_user_error
 from modules.evaluate import evaluate
 from modules.generation import SampleWriter
+from modules.loss import CHUNK_TOKENS, SUPPORTED
 from modules.model import (
     count_4bit_linears,
     inspect_model,
@@ -425,6 +426,7 @@ def print_plan(
             f"autocast {precision.mixed}, compute {str(precision.compute_dtype).removeprefix('torch.')}, "
             f"grad checkpointing {'on' if train.grad_checkpointing else 'off'}",
         ),
+        ("loss", loss_line(config, summary)),
         (
             "devices",
             f"{state.num_processes} x {state.device.type}"
@@ -436,6 +438,14 @@ def print_plan(
         rows.append(("resumed from", f"{resumed_from} (step {RunProgress.read(resumed_from).optimizer_step})"))
     print_audit(audit)
     print("Plan:\n" + format_plan(rows), flush=True)
+
+
+def loss_line(config: RunConfig, summary) -> str:
+    if not config.train.chunked_loss:
+        return "the model's own (train.chunked_loss false)"
+    if summary.model_type not in SUPPORTED:
+        return f"the model's own ({summary.model_type} is not among {', '.join(SUPPORTED)})"
+    return f"chunked cross-entropy over trained positions, {CHUNK_TOKENS} at a time (no full logits)"
 
 
 def flops_line(config: RunConfig, state, summary, mean_row: float) -> str:

@@ -129,6 +129,11 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         "auto", description="auto: bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, no on CPU."
     )
+    chunked_loss: bool = Field(
+        True,
+        description="Cross-entropy by chunks of trained positions, never the whole batch's logits (exact; on for "
+        "llama, mistral, qwen2, qwen3, phi3; other architectures use their own loss).",
+    )
     seed: int = Field(42, description="Seed of data order, LoRA init and dropout.")
     max_skipped_steps_in_row: int = Field(
         5, ge=1, description="Steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run."

@@ -133,6 +133,7 @@ class ModelSummary:
     lora_params: int
     matmul_params: int  # weights of every linear layer, lm_head included: the N of the FLOP count
     attention_width: int  # layers x heads x head_dim, for the attention FLOPs
+    model_type: str = ""
 
 
 def inspect_model(config: RunConfig, source: str) -> ModelSummary:
@@ -161,6 +162,7 @@ def inspect_model(config: RunConfig, source: str) -> ModelSummary:
         lora_params=sum(config.lora.r * (m.in_features + m.out_features) for m in targets),
         matmul_params=sum(m.in_features * m.out_features for m in linears.values()),
         attention_width=text_config.num_hidden_layers * heads * head_dim,
+        model_type=model_config.model_type,
     )
 
 
@@ -180,6 +182,7 @@ def load_model(
     """
     from peft import LoraConfig, get_peft_model
 
+    from modules.loss import supports_chunked_loss, use_chunked_loss
     from modules.packing import VARLEN, register_varlen_attention
 
     if attention == VARLEN:
@@ -207,6 +210,8 @@ def load_model(
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if config.train.chunked_loss and supports_chunked_loss(model.config):
+        use_chunked_loss(model)
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
