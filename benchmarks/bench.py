@@ -5,7 +5,8 @@
 
 A run is WHO:BATCH:RECOMPUTE[:liger], WHO being `trainer` or `ours`, BATCH rows of --seq-len tokens
 per optimizer step (micro-batch, no accumulation), RECOMPUTE `gc` (gradient checkpointing) or
-`nogc`; `liger` adds liger-kernel to Trainer (use_liger_kernel=True). Each run is its own process, so
+`nogc`; `liger` adds liger-kernel to Trainer (use_liger_kernel=True); `fullce` turns our chunked
+cross-entropy off (train.chunked_loss false). Each run is its own process, so
 peak memory is its own. The job: a random-weight model of the named shape saved once under
 --model-dir (no hub), NF4 with double quantization, LoRA r 16 / alpha 32 / dropout 0.05 on all 7
 projections, AdamW lr 2e-4, cosine with warmup, bf16 autocast; rows of exactly --seq-len tokens
@@ -95,6 +96,7 @@ def run_ours(spec: dict, args, data: Path) -> dict:
                 "lr": 2e-4,
                 "warmup_steps": 1,
                 "grad_checkpointing": spec["gc"],
+                "chunked_loss": spec["chunked_loss"],
             },
             "checkpoint": {"every_steps": None},
             "log": {"every_steps": 1, "wandb": {"mode": "disabled"}},
@@ -204,9 +206,10 @@ def run_trainer(spec: dict, args, data: Path) -> dict:
 def parse_spec(text: str) -> dict:
     parts = text.split(":")
     who, batch, recompute, *extra = parts
-    if who not in ("ours", "trainer") or recompute not in ("gc", "nogc") or set(extra) - {"liger"}:
-        raise SystemExit(f"bad run {text!r}: WHO:BATCH:gc|nogc[:liger], WHO ours or trainer")
-    return {"name": text, "who": who, "batch": int(batch), "gc": recompute == "gc", "liger": "liger" in extra}
+    if who not in ("ours", "trainer") or recompute not in ("gc", "nogc") or set(extra) - {"liger", "fullce"}:
+        raise SystemExit(f"bad run {text!r}: WHO:BATCH:gc|nogc[:liger|:fullce], WHO ours or trainer")
+    spec = {"name": text, "who": who, "batch": int(batch), "gc": recompute == "gc"}
+    return spec | {"liger": "liger" in extra, "chunked_loss": "fullce" not in extra}
 
 
 def flops_per_token(shape: str, seq_len: int) -> float:
