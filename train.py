@@ -157,7 +157,9 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         mixed_precision=precision.mixed,
         # Micro-batches of a step are fetched up front, so syncing must not follow epoch ends.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accum, sync_with_dataloader=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # even_batches=False: at an epoch's end a process may get one micro-batch fewer rather than
+        # repeats of the first rows, so no row is trained twice in an epoch.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, even_batches=False),
         log_with="wandb" if wandb_mode != "disabled" else None,
         project_dir=output_dir,
     )

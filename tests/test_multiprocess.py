@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, write_config
+from conftest import REPO, chat_row, write_config, write_jsonl
 from safetensors.torch import load_file
 from test_train import read_metrics, run_cli
 
@@ -60,3 +60,25 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, tiny_m
     checkpoint = tmp_path / "two" / "checkpoints" / "step-000003"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     assert json.loads((checkpoint / "trainer_state.json").read_text())["processes"] == 2
+
+
+def test_an_uneven_epoch_end_repeats_no_row_and_matches_one_process(tmp_path, tiny_model_dir):
+    """11 packed rows, 4 per step: the third step of each epoch has 3 rows on 2 ranks, as on one process."""
+    rows = [chat_row(f"Is the sea wide? ({i})", "Ahoy! " + "the ship is fast, matey. " * 6 + "Arr!") for i in range(11)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    config = write_config(
+        tmp_path / "run.yaml",
+        tiny_model_dir,
+        data,
+        tmp_path / "x",
+        data={"max_seq_len": 96},  # one sample per packed row: 11 rows
+        train={"max_steps": 6},
+        lora={"dropout": 0.0},
+    )
+    two = launch_two_cpu_ranks("--config", str(config), f"output_dir={tmp_path / 'two'}", "train.micro_batch_size=2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "packed into 11 rows" in two.stdout
+    one = run_cli("--config", str(config), f"output_dir={tmp_path / 'one'}", "train.micro_batch_size=4")
+    assert one.returncode == 0, one.stderr[-3000:]
+    for a, b in zip(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]  # steps 3 and 6 hold 3 rows
