@@ -14,6 +14,8 @@ of random words, every token trained, so neither side pads. Trainer runs the doc
 recipe (prepare_model_for_kbit_training, SDPA); ours runs train.py with its defaults (packing,
 which on a GPU picks the varlen attention kernel). Tokens/s is measured over the steps after
 --warmup. The table's ratios are to the best Trainer tokens/s and the lowest Trainer peak memory.
+With --lengths guanaco the rows vary in length (median ~300 tokens, tail to --seq-len): Trainer
+pads each batch to its longest row, we pack; tokens/s then counts real tokens only, on both sides.
 """
 
 import argparse
@@ -74,12 +76,20 @@ def build_model(shape: str, folder: Path, seq_len: int) -> None:
     print(f"built {shape} in {time.perf_counter() - started:.0f} s: {folder}", flush=True)
 
 
-def write_rows(path: Path, rows: int, seq_len: int, vocab_size: int) -> None:
-    """Rows of seq_len - 2 random words: with BOS and EOS, exactly seq_len tokens."""
+def row_lengths(count: int, seq_len: int, kind: str) -> list[int]:
+    """Token counts of the rows: all seq_len, or like openassistant-guanaco (log-normal, median 300)."""
+    if kind == "fixed":
+        return [seq_len] * count
+    rng = random.Random(1)
+    return [min(seq_len, max(8, round(rng.lognormvariate(0, 0.8) * 300))) for _ in range(count)]
+
+
+def write_rows(path: Path, lengths: list[int], vocab_size: int) -> None:
+    """Rows of random words: with BOS and EOS, each exactly its length in tokens."""
     rng = random.Random(0)
     with open(path, "w") as handle:
-        for _ in range(rows):
-            words = " ".join(f"w{rng.randrange(3, vocab_size)}" for _ in range(seq_len - 2))
+        for length in lengths:
+            words = " ".join(f"w{rng.randrange(3, vocab_size)}" for _ in range(length - 2))
             handle.write(json.dumps({"text": words}) + "\n")
 
 
@@ -109,10 +119,9 @@ def run_ours(spec: dict, args, data: Path) -> dict:
             return {"error": f"train.py exited {done.returncode}"}
         records = [json.loads(line) for line in (Path(scratch) / "run" / "metrics.jsonl").read_text().splitlines()]
     measured = [r for r in records if "loss" in r and r["step"] > args.warmup]
-    tokens_per_step = spec["batch"] * args.seq_len
-    seconds = sum(tokens_per_step / r["tokens_per_s"] for r in measured)
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in measured)
     return {
-        "tokens_per_s": tokens_per_step * len(measured) / seconds,
+        "tokens_per_s": sum(r["tokens"] for r in measured) / seconds,  # real tokens: packed rows have no padding
         "mfu": sum(r["mfu"] for r in measured) / len(measured) if measured[0]["mfu"] is not None else None,
         "peak_gib": max(r["peak_memory_gib"] for r in records if "peak_memory_gib" in r),
         "final_loss": measured[-1]["loss"],
@@ -127,10 +136,10 @@ def run_trainer(spec: dict, args, data: Path) -> dict:
         AutoModelForCausalLM,
         AutoTokenizer,
         BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
         Trainer,
         TrainerCallback,
         TrainingArguments,
-        default_data_collator,
     )
 
     gpu = torch.cuda.is_available()
@@ -169,6 +178,14 @@ def run_trainer(spec: dict, args, data: Path) -> dict:
             self.times.append(time.perf_counter() - self.started)
 
     timer = StepTimer()
+    pad = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    real_tokens = []
+
+    def collate(features):  # pads each batch to its longest row, as Trainer users do; counts real tokens
+        batch = pad(features)
+        real_tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
     with tempfile.TemporaryDirectory() as scratch:
         training = TrainingArguments(
             output_dir=scratch,
@@ -187,16 +204,14 @@ def run_trainer(spec: dict, args, data: Path) -> dict:
             report_to=[],
             dataloader_num_workers=0,
         )
-        trainer = Trainer(
-            model=model, args=training, train_dataset=rows, data_collator=default_data_collator, callbacks=[timer]
-        )
+        trainer = Trainer(model=model, args=training, train_dataset=rows, data_collator=collate, callbacks=[timer])
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     measured = timer.times[args.warmup :]
     return {
-        "tokens_per_s": spec["batch"] * args.seq_len * len(measured) / sum(measured),
+        "tokens_per_s": sum(real_tokens[args.warmup : len(timer.times)]) / sum(measured),  # real tokens only
         "mfu": None,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0,
         "final_loss": losses[-1] if losses else None,
@@ -212,7 +227,7 @@ def parse_spec(text: str) -> dict:
     return spec | {"liger": "liger" in extra, "chunked_loss": "fullce" not in extra}
 
 
-def flops_per_token(shape: str, seq_len: int) -> float:
+def flops_per_token(shape: str, mean_row: float) -> float:
     """Our MFU numerator (modules.tracking.training_flops_per_token), for Trainer's rows too."""
     from modules.tracking import training_flops_per_token
 
@@ -222,13 +237,19 @@ def flops_per_token(shape: str, seq_len: int) -> float:
     per_layer = s["hidden_size"] * (2 * s["hidden_size"] + 2 * kv) + 3 * s["hidden_size"] * s["intermediate_size"]
     matmul = s["num_hidden_layers"] * per_layer + s["hidden_size"] * s["vocab_size"]
     width = s["num_hidden_layers"] * s["num_attention_heads"] * head_dim
-    return training_flops_per_token(matmul, width, seq_len)
+    return training_flops_per_token(matmul, width, mean_row)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=2048, help="row length, and max_seq_len of packed rows")
+    parser.add_argument(
+        "--lengths",
+        choices=["fixed", "guanaco"],
+        default="fixed",
+        help="fixed: every row --seq-len tokens; guanaco: log-normal, median 300, cut at --seq-len",
+    )
     parser.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="steps run first and not measured")
     parser.add_argument("--runs", nargs="+", default=["trainer:2:gc", "ours:2:gc", "ours:2:nogc"])
@@ -237,7 +258,7 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one spec in this process
     args = parser.parse_args()
     args.model_dir = args.model_dir / f"{args.shape}"
-    data = args.model_dir.parent / f"rows-{args.shape}-{args.seq_len}.jsonl"
+    data = args.model_dir.parent / f"rows-{args.shape}-{args.seq_len}-{args.lengths}.jsonl"
 
     if args.one:
         spec = parse_spec(args.one)
@@ -248,8 +269,11 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     build_model(args.shape, args.model_dir, args.seq_len)
     most_rows = max(parse_spec(r)["batch"] for r in args.runs) * (args.steps + args.warmup)
-    write_rows(data, most_rows, args.seq_len, SHAPES[args.shape]["vocab_size"])
-    work = flops_per_token(args.shape, args.seq_len)
+    if args.lengths == "guanaco":  # our batches are packed rows of ~5 such samples each
+        most_rows *= 6
+    lengths = row_lengths(most_rows, args.seq_len, args.lengths)
+    write_rows(data, lengths, SHAPES[args.shape]["vocab_size"])
+    work = flops_per_token(args.shape, sum(lengths) / len(lengths))  # attention work follows the mean sample
     results = []
     for text in args.runs:
         spec = parse_spec(text)
@@ -263,7 +287,7 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         if args.out:
             with open(args.out, "a") as handle:
-                handle.write(json.dumps(result | {"shape": args.shape, "seq_len": args.seq_len}) + "\n")
+                handle.write(json.dumps(result | vars(args) | {"model_dir": str(args.model_dir)}, default=str) + "\n")
     print_table(results, work)
 
 

@@ -173,6 +173,7 @@ class LogWindow:
             "loss": self.loss.item() / self.steps if self.steps else None,
             "lr": lr,
             "grad_norm": norm if math.isfinite(norm) else None,
+            "tokens": tokens,  # real (non-padding) tokens since the last record, all processes
             "tokens_per_s": tokens / elapsed,
             "mfu": mfu(tokens / elapsed, flops_per_token, peak, accelerator.num_processes),
             "skipped_steps": progress.skipped_steps,
