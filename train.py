@@ -118,6 +118,12 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         check_resumable(resume_from, config)
     use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")  # set by a launcher config with use_cpu: true
     state = PartialState(cpu=use_cpu)
+    if config.model.device_map == "auto" and state.num_processes > 1:
+        raise UserError(
+            f"model.device_map auto spreads one model over the GPUs of one process, but this launch started "
+            f"{state.num_processes} processes. Launch one process (python train.py ..., or accelerate launch "
+            "--num_processes 1), or drop model.device_map for data parallel (one model copy per GPU)."
+        )
     precision = resolve_precision(config, state.device)
     attention = resolve_attention(config, state.device, precision)
     wandb_mode = resolve_wandb_mode(config.log.wandb)
@@ -213,7 +219,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
                 # backward() divides by accum and DDP averages over processes: undo both so the
                 # gradient is exactly that of the step's token-weighted mean loss.
                 accelerator.backward(loss * accum * accelerator.num_processes)
-            step_loss += loss.detach()
+            step_loss += loss.detach().to(step_loss.device)  # the last layer's device under device_map auto
             window.tokens += real_tokens(batch)
             progress.micro_step += 1
 
@@ -293,8 +299,9 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     StopSignal.restore()
 
     # ---- The end: save the adapter atomically, show what changed, close the trackers ----
-    accelerator.wait_for_everyone()
     peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # the plain PEFT model again
+    replicas = check_replicas_identical(accelerator, peft_model)
+    accelerator.wait_for_everyone()
     wall = time.perf_counter() - run_start
     if accelerator.is_main_process:
         adapter_dir = None
@@ -327,11 +334,25 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         }
         finish_wandb(wandb_run, run_summary, adapter_dir, config.log.wandb.log_adapter)
         print_summary(run_summary, stop_reason, output_dir, adapter_dir, report)
+        if replicas:
+            print(replicas, flush=True)
     metrics.close()
     accelerator.end_training()
     return TrainResult(
         model=peft_model, tokenizer=tokenizer, output_dir=output_dir, losses=losses, stopped_by=stop.signum
     )
+
+
+def check_replicas_identical(accelerator, model) -> str | None:
+    """With several processes, the trained weights must be the same on each: compare them once, at the end."""
+    if accelerator.num_processes == 1:
+        return None
+    trained = [p.detach().float() for p in model.parameters() if p.requires_grad]
+    local = torch.stack([torch.stack([p.sum(), p.square().sum()]) for p in trained]).to(accelerator.device)
+    every = accelerator.gather(local[None])  # (processes, parameters, 2)
+    if not torch.equal(every, every[:1].expand_as(every)):
+        raise RuntimeError("the trained weights differ between processes: the replicas went out of sync (a bug)")
+    return f"Trained weights identical on all {accelerator.num_processes} processes ({len(trained)} tensors checked)."
 
 
 def check_resumable(checkpoint: Path, config: RunConfig) -> None:
@@ -431,7 +452,9 @@ def print_plan(
         ("loss", loss_line(config, summary)),
         (
             "devices",
-            f"{state.num_processes} x {state.device.type}"
+            spread_line(state)
+            if config.model.device_map
+            else f"{state.num_processes} x {state.device.type}"
             + (f" ({torch.cuda.get_device_name(state.device)})" if state.device.type == "cuda" else ""),
         ),
         ("output", f"{config.output_dir} (W&B {wandb_mode})"),
@@ -448,6 +471,12 @@ def loss_line(config: RunConfig, summary) -> str:
     if summary.model_type not in SUPPORTED:
         return f"the model's own ({summary.model_type} is not among {', '.join(SUPPORTED)})"
     return f"chunked cross-entropy over trained positions, {CHUNK_TOKENS} at a time (no full logits)"
+
+
+def spread_line(state) -> str:
+    if state.device.type != "cuda":
+        return "one process, device_map auto: no GPU, so the whole model is on the CPU"
+    return f"one process, layers spread over {torch.cuda.device_count()} GPU(s) by device_map auto"
 
 
 def flops_line(config: RunConfig, state, summary, mean_row: float) -> str:

@@ -57,6 +57,14 @@ class ModelConfig(Section):
         description="auto: flash_attention_2 if flash-attn imports and the GPU supports it; else, with packing on "
         "a GPU, varlen (PyTorch's FlashAttention varlen kernel); else sdpa.",
     )
+    device_map: Literal["auto"] | None = Field(
+        None,
+        description="auto: spread the layers over all visible GPUs in one process (a model too large for one "
+        "GPU; launch one process). null: the whole model on each process's own device.",
+    )
+    max_memory: dict[int, str] | None = Field(
+        None, description='With device_map auto: the most each GPU may hold, e.g. {0: "20GiB", 1: "40GiB"}.'
+    )
 
 
 class QuantConfig(Section):
@@ -267,6 +275,8 @@ def cross_field_problems(config: RunConfig) -> list[str]:
             "model.attn_implementation flash_attention_2 needs bf16 or fp16 activations, but "
             "train.mixed_precision is no; use sdpa, or mixed_precision bf16."
         )
+    if config.model.max_memory and config.model.device_map != "auto":
+        problems.append("model.max_memory only applies with model.device_map: auto; set both or neither.")
     return problems
 
 

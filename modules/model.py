@@ -200,7 +200,9 @@ def load_model(
         source,
         quantization_config=quantization,
         dtype=precision.compute_dtype,
-        device_map={"": device},
+        # One process: the whole model on its device, or spread over the GPUs with device_map auto.
+        device_map="auto" if config.model.device_map == "auto" else {"": device},
+        max_memory=config.model.max_memory,
         attn_implementation=attention,
     )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -11,6 +13,12 @@ from safetensors.torch import load_file
 from test_train import read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def launch_two_cpu_ranks(*args: str) -> subprocess.CompletedProcess:
@@ -26,11 +34,21 @@ def launch_two_cpu_ranks(*args: str) -> subprocess.CompletedProcess:
         "--num_machines",
         "1",
         "--main_process_port",
-        "29517",
+        str(free_port()),  # never a port another run of the suite is using
         str(REPO / "train.py"),
         *args,
     ]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    # Its own process group, so a hung launch takes its ranks with it instead of leaving them behind.
+    launch = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = launch.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)
+        stdout, stderr = launch.communicate()
+        pytest.fail(f"the two-rank launch hung for 300 s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, launch.returncode, stdout, stderr)
 
 
 def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, chat_file):
@@ -46,6 +64,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, tiny_m
     two = launch_two_cpu_ranks("--config", str(config), f"output_dir={tmp_path / 'two'}", "train.micro_batch_size=2")
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 x cpu" in two.stdout and "4 packed row(s) = 2 micro x 1 accum x 2 process(es)" in two.stdout
+    assert "Trained weights identical on all 2 processes" in two.stdout  # compared across ranks at the end
     one = run_cli("--config", str(config), f"output_dir={tmp_path / 'one'}", "train.micro_batch_size=4")
     assert one.returncode == 0, one.stderr[-3000:]
 
@@ -82,3 +101,11 @@ def test_an_uneven_epoch_end_repeats_no_row_and_matches_one_process(tmp_path, ti
     assert one.returncode == 0, one.stderr[-3000:]
     for a, b in zip(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]  # steps 3 and 6 hold 3 rows
+
+
+def test_device_map_auto_is_refused_under_a_multi_process_launch(tmp_path, tiny_model_dir, chat_file):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "run")
+    done = launch_two_cpu_ranks("--config", str(config), "model.device_map=auto")
+    assert done.returncode != 0 and "exitcode  : 2" in done.stderr  # the ranks exit 2 (the launcher adds its report)
+    assert "qlora-loop: error: model.device_map auto spreads one model over the GPUs of one process" in done.stderr
+    assert "2 processes" in done.stderr and not (tmp_path / "run").exists()

@@ -224,3 +224,12 @@ def test_a_model_without_a_spare_token_gets_a_new_pad_and_still_reloads(tmp_path
     ).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, trained_logits, rtol=0, atol=1e-5)
+
+
+def test_device_map_auto_in_one_process_trains_like_the_default(tmp_path, tiny_model_dir, chat_file, capsys):
+    default = train_in_process(tmp_path, tiny_model_dir, chat_file, "default", "train.max_steps=4")
+    spread = train_in_process(
+        tmp_path, tiny_model_dir, chat_file, "spread", "train.max_steps=4", "model.device_map=auto"
+    )
+    assert "device_map auto" in capsys.readouterr().out
+    assert spread.losses == pytest.approx(default.losses, rel=1e-6)  # one device here: the same placement
