@@ -43,6 +43,8 @@ def main(argv: list[str]) -> int:
         return 2
     source, out = argv[0], Path(argv[1])
     try:
+        if out.exists():
+            raise UserError(f"{out} already exists; give a new file name (nothing was written).")
         rows, _, _ = read_rows(source)
         if "text" not in rows.column_names:
             raise UserError(f"{source}: expected guanaco rows with a 'text' key; keys found: {rows.column_names}.")

@@ -328,8 +328,12 @@ def tokenize_rows(rows, source: str, fmt: str, data: DataConfig, tokenizer):
     limit = data.max_seq_len
 
     def tokenize(row, index):
-        example = to_example(fmt, row, f"{source} row {index + 1}")  # a bad row raises a UserError naming it
-        input_ids, labels = tokenize_example(example, tokenizer, data.train_on)
+        where = f"{source} row {index + 1}"
+        example = to_example(fmt, row, where)  # a bad row raises a UserError naming it
+        try:
+            input_ids, labels = tokenize_example(example, tokenizer, data.train_on)
+        except UserError as error:  # the template could not be read for this row
+            raise UserError(f"{where}: {error}") from None
         too_long = len(input_ids) > limit
         if too_long and data.truncation == "truncate":
             input_ids, labels = input_ids[:limit], labels[:limit]
@@ -418,11 +422,8 @@ def chat_spans(example: Example, tokenizer, train_on: str) -> tuple[str, list[tu
         if not (text.startswith(before) and text.startswith(through)):
             raise UserError(
                 "the chat template renders earlier turns differently once later turns follow (for example it "
-                "drops earlier reasoning), so assistant spans cannot be located. Use data.train_on: "
-                "last_assistant, or data.chat_template: chatml."
-                if train_on != "last_assistant" or index != len(messages) - 1
-                else "the chat template does not render a conversation as a prefix of its continuation; use "
-                "data.chat_template: chatml."
+                "drops earlier reasoning), so assistant spans cannot be located. Use data.chat_template: chatml, "
+                "or data.train_on: last_assistant if only earlier turns are affected."
             )
         spans.append((len(before), len(through)))
     return text, spans

@@ -77,8 +77,7 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples, capacity: int):
         self.samples = samples
-        columns = getattr(samples, "column_names", None) or []
-        self.lengths = list(samples["length"]) if "length" in columns else [len(s["input_ids"]) for s in samples]
+        self.lengths = list(samples["length"])  # tokenize_rows stores each sample's length
         self.bins = best_fit_decreasing(self.lengths, capacity)
         self.capacity = capacity
 

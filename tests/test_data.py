@@ -345,6 +345,24 @@ def test_guanaco_text_is_rewritten_as_chat_rows(tmp_path):
         {"role": "user", "content": "Fast?"},
         {"role": "assistant", "content": "Arr."},
     ]
+    again = subprocess.run([sys.executable, str(script), str(source), str(out)], capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    assert json.loads(out.read_text().splitlines()[0]) == row  # the first output is left as it was
+
+
+def test_a_template_that_is_not_prefix_stable_is_named_with_the_row(tmp_path):
+    tokenizer = build_tokenizer()
+    # Drops earlier assistant turns once a later one follows, as some reasoning templates do.
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"messages": MULTI_TURN}])
+    with pytest.raises(UserError, match=r"rows.jsonl row 1: the chat template renders earlier turns differently"):
+        load_samples(str(path), DataConfig(train=str(path)), tokenizer)
+    samples, _, _ = load_samples(str(path), DataConfig(train=str(path), train_on="last_assistant"), tokenizer)
+    assert trained_text(tokenizer, samples[0]["input_ids"], samples[0]["labels"]) == "Arr, fast.<|im_end|>\n"
 
 
 def test_parallel_tokenization_gives_the_serial_result_and_names_bad_rows(tmp_path, tokenizer, monkeypatch):
