@@ -64,7 +64,6 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, tiny_m
     two = launch_two_cpu_ranks("--config", str(config), f"output_dir={tmp_path / 'two'}", "train.micro_batch_size=2")
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 x cpu" in two.stdout and "4 packed row(s) = 2 micro x 1 accum x 2 process(es)" in two.stdout
-    assert "Trained weights identical on all 2 processes" in two.stdout  # compared across ranks at the end
     one = run_cli("--config", str(config), f"output_dir={tmp_path / 'one'}", "train.micro_batch_size=4")
     assert one.returncode == 0, one.stderr[-3000:]
 
