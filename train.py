@@ -8,6 +8,7 @@ With no --config it runs configs/demo.yaml. Reads top to bottom: setup, the plan
 
 import argparse
 import math
+import os
 import signal
 import sys
 import time
@@ -26,6 +27,7 @@ from modules.checkpoint import (
     complete_checkpoints,
     find_resume_checkpoint,
     keep_metrics_through,
+    load_training_state,
     register_adapter_only_state,
     save_checkpoint,
     write_dir_atomic,
@@ -33,6 +35,14 @@ from modules.checkpoint import (
 )
 from modules.config import RunConfig, dump_config, load_config, run_changing_differences
 from modules.data import IGNORE_INDEX, PaddingCollator, build_datasets, print_audit
+from modules.distributed import (
+    adapter_state,
+    canonical_name,
+    check_fsdp_launch,
+    configure_fsdp,
+    fsdp_launch,
+    save_adapter,
+)
 from modules.errors import UserError, report_user_error
 from modules.evaluate import evaluate
 from modules.generation import SampleWriter
@@ -124,6 +134,8 @@ def train(args: argparse.Namespace) -> TrainResult | None:
             f"{state.num_processes} processes. Launch one process (python train.py ..., or accelerate launch "
             "--num_processes 1), or drop model.device_map for data parallel (one model copy per GPU)."
         )
+    check_fsdp_launch(state.device, config.quant.load_in_4bit)
+    sharded = fsdp_launch()
     precision = resolve_precision(config, state.device)
     attention = resolve_attention(config, state.device, precision)
     wandb_mode = resolve_wandb_mode(config.log.wandb)
@@ -171,8 +183,17 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     )
     register_adapter_only_state(accelerator)
     set_seed(config.train.seed)
-    model = load_model(config, source, tokenizer, precision, attention, accelerator.device, data.trainable_token_ids)
-    optimizer = build_optimizer(model, config.train)
+    model = load_model(
+        config, source, tokenizer, precision, attention, accelerator.device, data.trainable_token_ids, sharded
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    resized_embeddings = len(tokenizer) > summary.vocab_size  # PEFT then saves the embeddings with the adapter
+    if sharded:
+        configure_fsdp(accelerator, model, precision.compute_dtype)
+    matrices = {canonical_name(name) for name, p in model.named_parameters() if p.requires_grad and p.ndim >= 2}
+    # The model first: FSDP replaces its weights by flat shards, which the optimizer must be built on.
+    model = accelerator.prepare(model)
+    optimizer = build_optimizer(model, config.train, matrices)
     # Not prepared: accelerate would step it once per process; we count optimizer steps globally.
     scheduler = build_scheduler(optimizer, warmup_steps, total_steps, config.train.min_lr_ratio)
     if config.data.packing:  # varlen kernels take the sample boundaries; sdpa/eager read them from position_ids
@@ -186,17 +207,19 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         collate_fn=collate,
         generator=torch.Generator().manual_seed(config.train.seed),
     )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    optimizer, loader = accelerator.prepare(optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))  # adapter, optimizer, scheduler, scaler, RNG states
+        load_training_state(accelerator, model, optimizer, resume_from)  # adapter, optimizer, scheduler, RNG
     wandb_run = start_trackers(accelerator, config, wandb_mode, output_dir, progress.wandb_run_id)
     progress.wandb_run_id = wandb_run.id if wandb_run is not None else progress.wandb_run_id
     log_audit(wandb_run, audit)
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
-    samples = SampleWriter(output_dir / "samples.jsonl", config.eval, enabled=accelerator.is_main_process)
+    # Generation runs on the main process alone, which a sharded model cannot do.
+    writes_samples = accelerator.is_main_process and not sharded
+    samples = SampleWriter(output_dir / "samples.jsonl", config.eval, enabled=writes_samples)
     if accelerator.is_main_process:
-        print_plan(*plan, model=accelerator.unwrap_model(model), resumed_from=resume_from)
+        print_plan(*plan, loaded=(trainable, count_4bit_linears(model)), resumed_from=resume_from)
     stop = StopSignal()
 
     # ---- The loop: one pass per optimizer step, counted in optimizer steps ----
@@ -290,7 +313,9 @@ def train(args: argparse.Namespace) -> TrainResult | None:
             best = checkpoint_dir(output_dir, progress.best_step) if keep_best and progress.best_step else None
             started = time.perf_counter()
             state_now, config_text = asdict(progress), dump_config(config)
-            saved = save_checkpoint(accelerator, output_dir, step, state_now, config_text, config.checkpoint.keep, best)
+            saved = save_checkpoint(
+                accelerator, model, optimizer, output_dir, step, state_now, config_text, config.checkpoint.keep, best
+            )
             if accelerator.is_main_process:
                 bar.write(f"checkpoint {saved} written in {time.perf_counter() - started:.2f} s")
         if signalled:
@@ -302,13 +327,15 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     accelerator.wait_for_everyone()
     peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # the plain PEFT model again
     wall = time.perf_counter() - run_start
+    # Under FSDP the adapter's shards are gathered first, by every process (None: save the model's own).
+    whole_adapter = adapter_state(model, resized_embeddings) if stop.signum is None else None
     if accelerator.is_main_process:
         adapter_dir = None
         if stop.signum is None:
             rows_per_step = config.train.micro_batch_size * accum * accelerator.num_processes
 
             def write_adapter(folder: Path) -> None:
-                peft_model.save_pretrained(folder, safe_serialization=True)
+                save_adapter(peft_model, whole_adapter, folder)
                 tokenizer.save_pretrained(folder)
                 card = model_card(config, audit, progress.optimizer_step, losses, wall, rows_per_step)
                 (folder / "README.md").write_text(card)  # replaces PEFT's empty template
@@ -391,17 +418,17 @@ def print_plan(
     precision,
     attention,
     wandb_mode,
-    model=None,
+    loaded: tuple[int, int] | None = None,
     resumed_from: Path | None = None,
 ) -> None:
     train = config.train
     rows_per_step = train.micro_batch_size * train.grad_accum_steps * state.num_processes
     mean_row = audit.tokens / max(audit.rows_kept, 1)
     tokens_per_row = audit.tokens / audit.packed_rows if audit.packed_rows else mean_row
-    if model is not None:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if loaded is not None:
+        trainable, linears = loaded
         params = f"{summary.total_params:,} total, {trainable:,} trainable ({trainable / summary.total_params:.2%})"
-        quantized = f"{count_4bit_linears(model)} linear layers in 4-bit" if config.quant.load_in_4bit else "none"
+        quantized = f"{linears} linear layers in 4-bit" if config.quant.load_in_4bit else "none"
     else:
         params = f"{summary.total_params:,} total, ~{summary.lora_params:,} trainable (LoRA)"
         quantized = f"~{summary.quantized_linears} linear layers in 4-bit" if config.quant.load_in_4bit else "none"
@@ -435,13 +462,7 @@ def print_plan(
             f"grad checkpointing {'on' if train.grad_checkpointing else 'off'}",
         ),
         ("loss", loss_line(config, summary)),
-        (
-            "devices",
-            spread_line(state)
-            if config.model.device_map
-            else f"{state.num_processes} x {state.device.type}"
-            + (f" ({torch.cuda.get_device_name(state.device)})" if state.device.type == "cuda" else ""),
-        ),
+        ("devices", devices_line(config, state)),
         ("output", f"{config.output_dir} (W&B {wandb_mode})"),
     ]
     if resumed_from is not None:
@@ -458,10 +479,19 @@ def loss_line(config: RunConfig, summary) -> str:
     return f"chunked cross-entropy over trained positions, {CHUNK_TOKENS} at a time (no full logits)"
 
 
-def spread_line(state) -> str:
-    if state.device.type != "cuda":
+def devices_line(config: RunConfig, state) -> str:
+    gpu = f" ({torch.cuda.get_device_name(state.device)})" if state.device.type == "cuda" else ""
+    if config.model.device_map and state.device.type != "cuda":
         return "one process, device_map auto: no GPU, so the whole model is on the CPU"
-    return f"one process, layers spread over {torch.cuda.device_count()} GPU(s) by device_map auto"
+    if config.model.device_map:
+        return f"one process, layers spread over {torch.cuda.device_count()} GPU(s) by device_map auto{gpu}"
+    if fsdp_launch():
+        sharding = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
+        samples = "; eval.sample_prompts skipped (a sharded model cannot generate on one process)"
+        return f"{state.num_processes} x {state.device.type}{gpu}, FSDP {sharding}" + (
+            samples if config.eval.sample_prompts else ""
+        )
+    return f"{state.num_processes} x {state.device.type}{gpu}"
 
 
 def flops_line(config: RunConfig, state, summary, mean_row: float) -> str:

@@ -113,6 +113,8 @@ def register_adapter_only_state(accelerator) -> None:
 
 def save_checkpoint(
     accelerator,
+    model,
+    optimizer,
     output_dir: Path,
     step: int,
     trainer_state: dict,
@@ -127,7 +129,7 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))  # adapter, optimizer, scheduler, scaler, RNG of every process
+    save_training_state(accelerator, model, optimizer, staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / "config.yaml").write_text(config_text)
@@ -140,6 +142,53 @@ def save_checkpoint(
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_training_state(accelerator, model, optimizer, folder: Path) -> None:
+    """Adapter, optimizer, scheduler, scaler, sampler and RNG of every process, as accelerate's save_state.
+
+    Under FSDP, save_state would write every shard of the frozen 4-bit base; there the trainable
+    weights and optimizer are gathered whole instead, and accelerate writes the rest.
+    """
+    from accelerate.checkpointing import save_accelerator_state
+
+    from modules.distributed import is_fsdp, save_sharded_training_state
+
+    if not is_fsdp(model):
+        accelerator.save_state(str(folder))
+        return
+    save_sharded_training_state(model, optimizer, folder, accelerator.is_main_process)
+    save_accelerator_state(
+        str(folder),
+        [],
+        [],
+        accelerator._schedulers,
+        accelerator._dataloaders,
+        accelerator.process_index,
+        accelerator.step,
+        accelerator.scaler,
+    )
+
+
+def load_training_state(accelerator, model, optimizer, folder: Path) -> None:
+    """The inverse of save_training_state."""
+    from accelerate.checkpointing import load_accelerator_state
+
+    from modules.distributed import is_fsdp, load_sharded_training_state
+
+    if not is_fsdp(model):
+        accelerator.load_state(str(folder))
+        return
+    load_sharded_training_state(model, optimizer, folder)
+    load_accelerator_state(
+        str(folder),
+        [],
+        [],
+        accelerator._schedulers,
+        accelerator._dataloaders,
+        accelerator.process_index,
+        accelerator.scaler,
+    )
 
 
 @dataclass

@@ -5,6 +5,7 @@ import math
 import torch
 
 from modules.data import IGNORE_INDEX
+from modules.distributed import is_fsdp
 
 
 @torch.no_grad()
@@ -12,24 +13,35 @@ def evaluate(accelerator, model, eval_set, collate, micro_batch_size: int) -> di
     """Mean cross-entropy over every label token of the eval rows, as if computed in one batch.
 
     Each process takes its own contiguous shard (no padding duplicates) and runs the unwrapped
-    model, so uneven shards need no collective inside the forward. Logits are dropped batch by batch.
+    model, so uneven shards need no collective inside the forward. Under FSDP every forward is a
+    collective (it gathers the weights), so there each process runs the wrapped model equally
+    often, repeating a batch whose loss it does not count. Logits are dropped batch by batch.
     """
     shard = eval_set.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
-    loader = torch.utils.data.DataLoader(shard, batch_size=micro_batch_size, collate_fn=collate)
+    batches = list(torch.utils.data.DataLoader(shard, batch_size=micro_batch_size, collate_fn=collate))
     inner = accelerator.unwrap_model(model)
+    runner, rounds = inner, len(batches)
+    if is_fsdp(model):
+        runner = model
+        rounds = int(accelerator.reduce(torch.tensor(len(batches), device=accelerator.device), "max").item())
+        filler = collate([eval_set[0]])
     was_training = inner.training
     inner.eval()
     loss_sum = torch.zeros((), device=accelerator.device)
     tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
     one = torch.ones((), device=accelerator.device)
-    for batch in loader:
+    for index in range(rounds):
+        counted = index < len(batches)
         batch = {
-            name: value.to(accelerator.device) if torch.is_tensor(value) else value for name, value in batch.items()
+            name: value.to(accelerator.device) if torch.is_tensor(value) else value
+            for name, value in (batches[index] if counted else filler).items()
         }
         with accelerator.autocast():
             # num_items_in_batch=1 makes the model return the summed, not the mean, cross-entropy
-            loss_sum += inner(**batch, num_items_in_batch=one).loss.float()
-        tokens += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            loss = runner(**batch, num_items_in_batch=one).loss.float()
+        if counted:
+            loss_sum += loss
+            tokens += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     inner.train(was_training)
     total_loss = accelerator.reduce(loss_sum, "sum").item()
     total_tokens = accelerator.reduce(tokens, "sum").item()

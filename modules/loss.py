@@ -38,11 +38,13 @@ def chunked_cross_entropy(
         logits = lm_head(states).float()  # fp32 for the softmax, as transformers' loss does
         return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
+    # An lm_head that is its own FSDP unit (trained token rows) is resharded after the forward, so
+    # it cannot be re-run in backward: there the chunks keep their logits, as the model's own loss does.
+    recompute = not any(type(module).__name__ == "FullyShardedDataParallel" for module in lm_head.modules())
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk):
-        total = total + checkpoint(
-            piece, states[start : start + chunk], targets[start : start + chunk], use_reentrant=False
-        )
+        pieces = (states[start : start + chunk], targets[start : start + chunk])
+        total = total + (checkpoint(piece, *pieces, use_reentrant=False) if recompute else piece(*pieces))
     return total
 
 

@@ -134,6 +134,7 @@ class ModelSummary:
     matmul_params: int  # weights of every linear layer, lm_head included: the N of the FLOP count
     attention_width: int  # layers x heads x head_dim, for the attention FLOPs
     model_type: str = ""
+    vocab_size: int = 0
 
 
 def inspect_model(config: RunConfig, source: str) -> ModelSummary:
@@ -163,6 +164,7 @@ def inspect_model(config: RunConfig, source: str) -> ModelSummary:
         matmul_params=sum(m.in_features * m.out_features for m in linears.values()),
         attention_width=text_config.num_hidden_layers * heads * head_dim,
         model_type=model_config.model_type,
+        vocab_size=skeleton.get_input_embeddings().num_embeddings,
     )
 
 
@@ -174,11 +176,13 @@ def load_model(
     attention: str,
     device,
     trainable_token_ids: list[int] = (),
+    sharded: bool = False,
 ):
     """The frozen base (4-bit NF4 with double quantization by default) with LoRA adapters on top.
 
     `trainable_token_ids` (new chat-template tokens) get their embedding and lm_head rows trained,
-    in fp32 like the LoRA weights, and saved with the adapter.
+    in fp32 like the LoRA weights, and saved with the adapter. `sharded` (FSDP) stores the 4-bit
+    weights in the compute dtype, the dtype of the weights FSDP flattens them with.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -195,12 +199,14 @@ def load_model(
             bnb_4bit_quant_type=config.quant.quant_type,
             bnb_4bit_use_double_quant=config.quant.double_quant,
             bnb_4bit_compute_dtype=precision.compute_dtype,
+            bnb_4bit_quant_storage=precision.compute_dtype if sharded else torch.uint8,
         )
     model = AutoModelForCausalLM.from_pretrained(
         source,
         quantization_config=quantization,
         dtype=precision.compute_dtype,
-        # One process: the whole model on its device, or spread over the GPUs with device_map auto.
+        # The whole model on this process's device (also under FSDP, which shards it afterwards; the
+        # weights stream to the GPU, so CPU memory stays low), or spread over the GPUs by device_map auto.
         device_map="auto" if config.model.device_map == "auto" else {"": device},
         max_memory=config.model.max_memory,
         attn_implementation=attention,

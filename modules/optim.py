@@ -8,17 +8,27 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from modules.config import TrainConfig
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases, norms and other 1-D parameters are left undecayed."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
+def parameter_groups(model: torch.nn.Module, weight_decay: float, matrices: set[str] | None = None) -> list[dict]:
+    """Decay matrices only: biases, norms and other 1-D parameters are left undecayed.
+
+    `matrices` names the trainable matrices when the model is wrapped (canonical names, read
+    before wrapping): FSDP's weights are flat shards, whose shapes no longer say.
+    """
+    from modules.distributed import canonical_name
+
+    trainable = [(canonical_name(name), p) for name, p in model.named_parameters() if p.requires_grad]
+
+    def is_matrix(name: str, parameter: torch.Tensor) -> bool:
+        return name in matrices if matrices is not None else parameter.ndim >= 2
+
     return [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for name, p in trainable if is_matrix(name, p)], "weight_decay": weight_decay},
+        {"params": [p for name, p in trainable if not is_matrix(name, p)], "weight_decay": 0.0},
     ]
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    groups = [group for group in parameter_groups(model, train.weight_decay) if group["params"]]
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, matrices: set[str] | None = None) -> torch.optim.AdamW:
+    groups = [group for group in parameter_groups(model, train.weight_decay, matrices) if group["params"]]
     return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas)
 
 

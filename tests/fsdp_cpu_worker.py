@@ -1,0 +1,129 @@
+"""FSDP-QLoRA's pieces under real FSDP1 sharding on the CPU (gloo), for tests/test_fsdp.py.
+
+accelerate turns an FSDP launch on the CPU into plain data parallel, so train.py's FSDP path runs
+only on GPUs. This worker runs the same pieces train.py uses there (the 4-bit load for sharding,
+the wrap policy, the optimizer's parameter groups, the adapter gather, the checkpoint state),
+around torch's own FullyShardedDataParallel:
+
+    python tests/fsdp_cpu_worker.py CONFIG OUT                        # one process, unsharded
+    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_cpu_worker.py CONFIG OUT
+
+Each rank trains on its half of a fixed global batch; OUT/result.json gets the losses, OUT/adapter
+the saved adapter.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modules.config import load_config  # noqa: E402
+from modules.data import IGNORE_INDEX, build_datasets  # noqa: E402
+from modules.distributed import (  # noqa: E402
+    adapter_state,
+    canonical_name,
+    gather_trainable_state,
+    load_sharded_training_state,
+    save_adapter,
+    save_sharded_training_state,
+    trainable_wrap_policy,
+)
+from modules.model import Precision, inspect_model, load_model, load_tokenizer  # noqa: E402
+from modules.optim import build_optimizer  # noqa: E402
+from modules.packing import PackedCollator  # noqa: E402
+
+GLOBAL_ROWS = 4
+STEPS = 3
+
+
+def main(config_path: str, out: str) -> None:
+    out = Path(out)
+    sharded = "WORLD_SIZE" in os.environ
+    if sharded:
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    config = load_config(Path(config_path), [])
+    tokenizer = load_tokenizer(config.model.name_or_path)
+    data = build_datasets(config.data, tokenizer, config.train.seed)
+    torch.manual_seed(config.train.seed)
+    cpu = torch.device("cpu")
+    precision = Precision(mixed="no", compute_dtype=torch.float32)
+    model = load_model(
+        config, config.model.name_or_path, tokenizer, precision, "sdpa", cpu, data.trainable_token_ids, sharded
+    )
+    resized = len(tokenizer) > inspect_model(config, config.model.name_or_path).vocab_size
+    matrices = {canonical_name(name) for name, p in model.named_parameters() if p.requires_grad and p.ndim >= 2}
+    storage = {p.dtype for p in model.parameters() if type(p).__name__ == "Params4bit"}
+    if sharded:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = FullyShardedDataParallel(
+            model, auto_wrap_policy=trainable_wrap_policy(model), device_id=cpu, use_orig_params=True
+        )
+    optimizer = build_optimizer(model, config.train, matrices)
+    decayed = torch.tensor(sum(p.numel() for p in optimizer.param_groups[0]["params"]))  # this rank's shard
+    if sharded:
+        dist.all_reduce(decayed)
+
+    collate = PackedCollator()
+    rows = [data.train[i] for i in range(GLOBAL_ROWS)]
+    per_rank = GLOBAL_ROWS // world
+    batch = collate(rows[rank * per_rank : (rank + 1) * per_rank])  # one packed row per process
+    label_tokens = torch.tensor((batch["labels"][:, 1:] != IGNORE_INDEX).sum().item())
+    if sharded:
+        dist.all_reduce(label_tokens)
+
+    def step() -> float:
+        loss = model(**batch, num_items_in_batch=label_tokens).loss
+        (loss * world).backward()  # FSDP averages gradients over processes; the loss is a global sum already
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total = loss.detach().clone()
+        if sharded:
+            dist.all_reduce(total)
+        return total.item()
+
+    losses = [step() for _ in range(STEPS)]
+    whole = adapter_state(model, resized) if sharded else None
+    if rank == 0:
+        save_adapter(model.module if sharded else model, whole, out / "adapter")
+
+    # A checkpoint round trip: one more step, then back to the checkpoint and the same step again.
+    (out / "checkpoint").mkdir(parents=True, exist_ok=True)
+    if sharded:
+        dist.barrier()
+        save_sharded_training_state(model, optimizer, out / "checkpoint", rank == 0)
+        dist.barrier()
+    after_once = step_and_gather(step, model, sharded)
+    if sharded:
+        load_sharded_training_state(model, optimizer, out / "checkpoint")
+    after_again = step_and_gather(step, model, sharded) if sharded else after_once
+    replay_error = max((after_once[k] - after_again[k]).abs().max().item() for k in after_once)
+
+    if rank == 0:
+        result = {
+            "losses": losses,
+            "storage_dtypes": sorted(str(d) for d in storage),
+            "decayed_elements": decayed.item(),
+            "replay_max_abs_error": replay_error,
+            "gathered_tensors": sorted(after_once),
+        }
+        (out / "result.json").write_text(json.dumps(result))
+    if sharded:
+        dist.destroy_process_group()
+
+
+def step_and_gather(step, model, sharded: bool) -> dict[str, torch.Tensor]:
+    step()
+    if sharded:
+        return gather_trainable_state(model)
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

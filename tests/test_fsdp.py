@@ -1,0 +1,108 @@
+"""FSDP-QLoRA: the sharded pieces under real FSDP1 on two CPU ranks, and the launch checks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, base_tokenizer, save_tiny_llama, write_config
+from safetensors.torch import load_file
+from test_multiprocess import free_port
+from test_train import run_cli
+
+pytestmark = pytest.mark.slow
+WORKER = str(REPO / "tests" / "fsdp_cpu_worker.py")
+
+
+def run_worker(config, out, ranks: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_", "FSDP_"))}
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
+    done = subprocess.run(
+        [*launcher, WORKER, str(config), str(out)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.parametrize("new_tokens", [False, True], ids=["tokenizer-template", "chatml-new-tokens"])
+def test_sharded_training_equals_one_process_and_saves_a_whole_adapter(tmp_path, tiny_model_dir, chat_file, new_tokens):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny_llama(tmp_path / "base", base_tokenizer()) if new_tokens else tiny_model_dir
+    config = write_config(tmp_path / "run.yaml", model_dir, chat_file, tmp_path / "unused", lora={"dropout": 0.0})
+    one = run_worker(config, tmp_path / "one", ranks=1)
+    two = run_worker(config, tmp_path / "two", ranks=2)
+
+    assert two["storage_dtypes"] == ["torch.float32"]  # 4-bit bytes stored in the dtype FSDP flattens them with
+    assert one["storage_dtypes"] == ["torch.uint8"]
+    assert two["decayed_elements"] == one["decayed_elements"] > 0  # matrices found through FSDP's flat shards
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
+    assert two["losses"][-1] < two["losses"][0]
+    assert two["replay_max_abs_error"] < 1e-6  # the checkpoint restored the weights and AdamW moments
+
+    # The adapter written under FSDP is whole: every tensor at its real shape, equal to one process's.
+    sharded, single = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("two", "one"))
+    assert sharded.keys() == single.keys() and len(sharded) >= 14  # 2 layers x 7 projections x (A, B), at least
+    for name, tensor in single.items():
+        assert sharded[name].shape == tensor.shape, name
+        assert torch.allclose(sharded[name], tensor, rtol=1e-3, atol=5e-4), name  # AdamW amplifies rounding
+    if new_tokens:
+        assert any("embed_tokens" in name for name in sharded)  # resized embeddings travel with the adapter
+
+    # Plain PEFT loads it (AutoPeftModel resizes the base to the saved tokenizer when tokens were added).
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if new_tokens:
+        rows = next(t.shape[0] for name, t in sharded.items() if "embed_tokens" in name and t.ndim == 2)
+        assert rows > base.get_input_embeddings().num_embeddings
+        base.resize_token_embeddings(rows)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "two" / "adapter")
+    lora = dict(loaded.named_parameters())
+    some = next(name for name in single if "lora_B" in name)
+    assert torch.equal(lora[some.replace(".weight", ".default.weight")].detach(), sharded[some])
+
+
+def test_an_fsdp_launcher_on_the_cpu_is_refused_before_loading(tmp_path, tiny_model_dir, chat_file):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "run")
+    done = run_cli(
+        "--config",
+        str(config),
+        ACCELERATE_USE_FSDP="true",
+        FSDP_VERSION="2",
+        FSDP_USE_ORIG_PARAMS="false",
+        FSDP_CPU_RAM_EFFICIENT_LOADING="true",
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    for problem in ("it needs GPUs", "fsdp_version 2", "fsdp_use_orig_params", "fsdp_cpu_ram_efficient_loading"):
+        assert problem in done.stderr
+    assert "accelerate_configs/fsdp_qlora.yaml" in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_the_fsdp_launcher_config_passes_the_checks_it_would_meet_on_gpus():
+    """accelerate_configs/fsdp_qlora.yaml, as `accelerate launch` exports it, raises nothing but the GPU check."""
+    import yaml
+
+    from modules.distributed import check_fsdp_launch
+    from modules.errors import UserError
+
+    launcher = yaml.safe_load((REPO / "accelerate_configs" / "fsdp_qlora.yaml").read_text())
+    assert launcher["distributed_type"] == "FSDP" and launcher["mixed_precision"] == "no"
+    fsdp = launcher["fsdp_config"]
+    env = {
+        "ACCELERATE_USE_FSDP": "true",
+        "FSDP_VERSION": str(fsdp["fsdp_version"]),
+        "FSDP_USE_ORIG_PARAMS": str(fsdp["fsdp_use_orig_params"]).lower(),
+        "FSDP_CPU_RAM_EFFICIENT_LOADING": str(fsdp["fsdp_cpu_ram_efficient_loading"]).lower(),
+        "FSDP_OFFLOAD_PARAMS": str(fsdp["fsdp_offload_params"]).lower(),
+        "FSDP_ACTIVATION_CHECKPOINTING": str(fsdp["fsdp_activation_checkpointing"]).lower(),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        with pytest.raises(UserError) as raised:
+            check_fsdp_launch(torch.device("cpu"), load_in_4bit=True)
+    assert str(raised.value).count("\n  - ") == 1 and "it needs GPUs" in str(raised.value)
