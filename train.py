@@ -66,6 +66,7 @@ from modules.tracking import (
     format_plan,
     log_audit,
     log_samples,
+    memory_after_loading,
     mfu,
     peak_flops,
     progress_bar,
@@ -193,6 +194,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     matrices = {canonical_name(name) for name, p in model.named_parameters() if p.requires_grad and p.ndim >= 2}
     # The model first: FSDP replaces its weights by flat shards, which the optimizer must be built on.
     model = accelerator.prepare(model)
+    loading_memory = memory_after_loading(accelerator.device)  # and restarts the peak count for training
     optimizer = build_optimizer(model, config.train, matrices)
     # Not prepared: accelerate would step it once per process; we count optimizer steps globally.
     scheduler = build_scheduler(optimizer, warmup_steps, total_steps, config.train.min_lr_ratio)
@@ -219,7 +221,8 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     writes_samples = accelerator.is_main_process and not sharded
     samples = SampleWriter(output_dir / "samples.jsonl", config.eval, enabled=writes_samples)
     if accelerator.is_main_process:
-        print_plan(*plan, loaded=(trainable, count_4bit_linears(model)), resumed_from=resume_from)
+        loaded = (trainable, count_4bit_linears(model), loading_memory)
+        print_plan(*plan, loaded=loaded, resumed_from=resume_from)
     stop = StopSignal()
 
     # ---- The loop: one pass per optimizer step, counted in optimizer steps ----
@@ -418,7 +421,7 @@ def print_plan(
     precision,
     attention,
     wandb_mode,
-    loaded: tuple[int, int] | None = None,
+    loaded: tuple[int, int, str | None] | None = None,
     resumed_from: Path | None = None,
 ) -> None:
     train = config.train
@@ -426,7 +429,7 @@ def print_plan(
     mean_row = audit.tokens / max(audit.rows_kept, 1)
     tokens_per_row = audit.tokens / audit.packed_rows if audit.packed_rows else mean_row
     if loaded is not None:
-        trainable, linears = loaded
+        trainable, linears, loading_memory = loaded
         params = f"{summary.total_params:,} total, {trainable:,} trainable ({trainable / summary.total_params:.2%})"
         quantized = f"{linears} linear layers in 4-bit" if config.quant.load_in_4bit else "none"
     else:
@@ -463,6 +466,7 @@ def print_plan(
         ),
         ("loss", loss_line(config, summary)),
         ("devices", devices_line(config, state)),
+        *([("memory", loading_memory)] if loaded is not None and loading_memory else []),
         ("output", f"{config.output_dir} (W&B {wandb_mode})"),
     ]
     if resumed_from is not None:

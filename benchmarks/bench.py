@@ -6,8 +6,10 @@
 A run is WHO:BATCH:RECOMPUTE[:liger], WHO being `trainer` or `ours`, BATCH rows of --seq-len tokens
 per optimizer step (micro-batch, no accumulation), RECOMPUTE `gc` (gradient checkpointing) or
 `nogc`; `liger` adds liger-kernel to Trainer (use_liger_kernel=True); `fullce` turns our chunked
-cross-entropy off (train.chunked_loss false). Each run is its own process, so
-peak memory is its own. The job: a random-weight model of the named shape saved once under
+cross-entropy off (train.chunked_loss false). Our runs may name a launch: `ddpN` (N processes,
+accelerate_configs/multi_gpu.yaml), `fsdpN` (accelerate_configs/fsdp_qlora.yaml), `split` (one
+process, model.device_map auto over the visible GPUs); BATCH is then per process. Each run is its
+own process (group), so peak memory is its own. The job: a random-weight model of the named shape saved once under
 --model-dir (no hub), NF4 with double quantization, LoRA r 16 / alpha 32 / dropout 0.05 on all 7
 projections, AdamW lr 2e-4, cosine with warmup, bf16 autocast; rows of exactly --seq-len tokens
 of random words, every token trained, so neither side pads. Trainer runs the documented QLoRA
@@ -39,6 +41,15 @@ SHAPES = {
         vocab_size=128256,
         rope_theta=500000.0,
     ),
+    "llama3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
     "tiny": dict(
         hidden_size=64,
         intermediate_size=128,
@@ -52,8 +63,13 @@ SHAPES = {
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_model(shape: str, folder: Path, seq_len: int) -> None:
-    """Random weights of a named shape, saved in bf16 with a one-word-one-token tokenizer."""
+def build_model(shape: str, folder: Path, seq_len: int, prequantized: bool = False) -> None:
+    """Random weights of a named shape with a one-word-one-token tokenizer: bf16, or already NF4.
+
+    `prequantized` writes the checkpoint layer by layer with its linear weights already in NF4 with
+    double quantization (stored as bf16 bytes, the FSDP storage), as a saved 4-bit model is: a
+    70B model is then ~40 GB on disk, and no full bf16 copy (140 GB) ever exists, in memory or on disk.
+    """
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -68,12 +84,81 @@ def build_model(shape: str, folder: Path, seq_len: int) -> None:
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     config = LlamaConfig(**sizes, max_position_embeddings=max(8192, seq_len), bos_token_id=0, eos_token_id=1)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
+    if prequantized:
+        write_nf4_checkpoint(config, folder)
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     print(f"built {shape} in {time.perf_counter() - started:.0f} s: {folder}", flush=True)
+
+
+def write_nf4_checkpoint(config, folder: Path) -> None:
+    """A bitsandbytes 4-bit checkpoint of random weights, one decoder layer at a time, on the GPU."""
+    import bitsandbytes.functional as bnb_functional
+    import torch
+    from safetensors.torch import save_file
+    from transformers import BitsAndBytesConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    std, hidden = config.initializer_range, config.hidden_size
+    head_dim = hidden // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    shapes = {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (config.intermediate_size, hidden),
+        "mlp.up_proj": (config.intermediate_size, hidden),
+        "mlp.down_proj": (hidden, config.intermediate_size),
+    }
+    weight_map = {}
+
+    def random(*shape):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return (torch.randn(*shape, device=device, dtype=torch.bfloat16) * std).contiguous()
+
+    def write(name: str, tensors: dict) -> None:
+        save_file({key: value.cpu() for key, value in tensors.items()}, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}"
+        tensors = {
+            f"{prefix}.input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            f"{prefix}.post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        }
+        for module, shape in shapes.items():
+            packed, state = bnb_functional.quantize_4bit(
+                random(*shape), blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.bfloat16
+            )
+            tensors[f"{prefix}.{module}.weight"] = packed
+            for key, value in state.as_dict(packed=True).items():
+                tensors[f"{prefix}.{module}.weight.{key}"] = value
+        write(f"layer-{layer:03d}.safetensors", tensors)
+    write(
+        "embeddings.safetensors",
+        {
+            "model.embed_tokens.weight": random(config.vocab_size, hidden),
+            "lm_head.weight": random(config.vocab_size, hidden),
+            "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        },
+    )
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+    config.quantization_config = quantization.to_dict()
+    config.dtype = "bfloat16"
+    config.save_pretrained(folder)
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
 def row_lengths(count: int, seq_len: int, kind: str) -> list[int]:
@@ -98,7 +183,6 @@ def run_ours(spec: dict, args, data: Path) -> dict:
 
     with tempfile.TemporaryDirectory() as scratch:
         config = {
-            "model": {"name_or_path": str(args.model_dir)},
             "data": {"train": str(data), "max_seq_len": args.seq_len, "cache": False},
             "train": {
                 "micro_batch_size": spec["batch"],
@@ -108,24 +192,53 @@ def run_ours(spec: dict, args, data: Path) -> dict:
                 "grad_checkpointing": spec["gc"],
                 "chunked_loss": spec["chunked_loss"],
             },
+            "model": {"name_or_path": str(args.model_dir), "device_map": "auto" if spec["split"] else None},
             "checkpoint": {"every_steps": None},
             "log": {"every_steps": 1, "wandb": {"mode": "disabled"}},
             "output_dir": str(Path(scratch) / "run"),
         }
         config_path = Path(scratch) / "run.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        done = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(config_path)], text=True)
+        done = subprocess.run([*launcher(spec), str(REPO / "train.py"), "--config", str(config_path)], text=True)
         if done.returncode != 0:
             return {"error": f"train.py exited {done.returncode}"}
         records = [json.loads(line) for line in (Path(scratch) / "run" / "metrics.jsonl").read_text().splitlines()]
+        adapter = adapter_tensors(Path(scratch) / "run" / "adapter")
     measured = [r for r in records if "loss" in r and r["step"] > args.warmup]
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in measured)
     return {
         "tokens_per_s": sum(r["tokens"] for r in measured) / seconds,  # real tokens: packed rows have no padding
         "mfu": sum(r["mfu"] for r in measured) / len(measured) if measured[0]["mfu"] is not None else None,
         "peak_gib": max(r["peak_memory_gib"] for r in records if "peak_memory_gib" in r),
+        "peak_gib_by_gpu": peaks_by_gpu([r["peak_memory_gib_by_gpu"] for r in measured]),
         "final_loss": measured[-1]["loss"],
+        "adapter_tensors": adapter,
     }
+
+
+def peaks_by_gpu(records: list[list[float] | None]) -> list[float] | None:
+    """The highest peak each GPU reached over the measured steps (None on the CPU)."""
+    return None if None in records else [max(each) for each in zip(*records, strict=True)]
+
+
+def adapter_tensors(folder: Path) -> dict:
+    """How many tensors the saved adapter holds, and how many have their full 2-D shape (not a flat shard)."""
+    from safetensors import safe_open
+
+    with safe_open(folder / "adapter_model.safetensors", "pt") as handle:
+        shapes = [handle.get_slice(key).get_shape() for key in handle.keys()]
+    return {"tensors": len(shapes), "two_dimensional": sum(len(shape) == 2 and min(shape) > 1 for shape in shapes)}
+
+
+def launcher(spec: dict) -> list[str]:
+    """python, or accelerate launch with N processes for ddpN / fsdpN."""
+    if spec["processes"] == 1:
+        return [sys.executable]
+    config = "fsdp_qlora.yaml" if spec["fsdp"] else "multi_gpu.yaml"
+    return [
+        *[sys.executable, "-m", "accelerate.commands.launch"],
+        *["--config_file", str(REPO / "accelerate_configs" / config), "--num_processes", str(spec["processes"])],
+    ]
 
 
 def run_trainer(spec: dict, args, data: Path) -> dict:
@@ -221,10 +334,20 @@ def run_trainer(spec: dict, args, data: Path) -> dict:
 def parse_spec(text: str) -> dict:
     parts = text.split(":")
     who, batch, recompute, *extra = parts
-    if who not in ("ours", "trainer") or recompute not in ("gc", "nogc") or set(extra) - {"liger", "fullce"}:
-        raise SystemExit(f"bad run {text!r}: WHO:BATCH:gc|nogc[:liger|:fullce], WHO ours or trainer")
+    launches = [e for e in extra if e == "split" or (e[:3] == "ddp" or e[:4] == "fsdp") and e[-1].isdigit()]
+    flags = set(extra) - set(launches)
+    if who not in ("ours", "trainer") or recompute not in ("gc", "nogc") or flags - {"liger", "fullce"}:
+        raise SystemExit(f"bad run {text!r}: WHO:BATCH:gc|nogc[:liger|:fullce][:ddpN|:fsdpN|:split]")
+    launch = launches[0] if launches else ""
     spec = {"name": text, "who": who, "batch": int(batch), "gc": recompute == "gc"}
-    return spec | {"liger": "liger" in extra, "chunked_loss": "fullce" not in extra}
+    processes = int(launch.removeprefix("ddp").removeprefix("fsdp")) if launch[:3] in ("ddp", "fsd") else 1
+    return spec | {
+        "liger": "liger" in flags,
+        "chunked_loss": "fullce" not in flags,
+        "processes": processes,
+        "fsdp": launch.startswith("fsdp"),
+        "split": launch == "split",
+    }
 
 
 def flops_per_token(shape: str, mean_row: float) -> float:
@@ -255,9 +378,12 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=["trainer:2:gc", "ours:2:gc", "ours:2:nogc"])
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "qlora-loop-bench")
     parser.add_argument("--out", type=Path, help="append one JSON line per run here")
+    parser.add_argument(
+        "--prequantized", action="store_true", help="build the model already in NF4, layer by layer (for 70B)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one spec in this process
     args = parser.parse_args()
-    args.model_dir = args.model_dir / f"{args.shape}"
+    args.model_dir = args.model_dir / f"{args.shape}{'-nf4' if args.prequantized else ''}"
     data = args.model_dir.parent / f"rows-{args.shape}-{args.seq_len}-{args.lengths}.jsonl"
 
     if args.one:
@@ -267,8 +393,8 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO))
-    build_model(args.shape, args.model_dir, args.seq_len)
-    most_rows = max(parse_spec(r)["batch"] for r in args.runs) * (args.steps + args.warmup)
+    build_model(args.shape, args.model_dir, args.seq_len, args.prequantized)
+    most_rows = max(parse_spec(r)["batch"] * parse_spec(r)["processes"] for r in args.runs) * (args.steps + args.warmup)
     if args.lengths == "guanaco":  # our batches are packed rows of ~5 such samples each
         most_rows *= 6
     lengths = row_lengths(most_rows, args.seq_len, args.lengths)
@@ -281,10 +407,12 @@ def main() -> None:
         command = [sys.executable, __file__, "--one", text, *sys.argv[1:]]
         done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        result = json.loads(lines[-1].removeprefix("RESULT ")) if lines else {"error": done.stderr[-2000:]}
+        result = json.loads(lines[-1].removeprefix("RESULT ")) if lines else {"error": "no result"}
+        if "error" in result:
+            result["stderr_tail"] = done.stderr[-6000:]
         result |= {"run": text, "seconds": round(time.perf_counter() - started, 1)}
         results.append(result)
-        print(json.dumps(result), flush=True)
+        print(json.dumps({k: v for k, v in result.items() if k != "stderr_tail"}), flush=True)
         if args.out:
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(result | vars(args) | {"model_dir": str(args.model_dir)}, default=str) + "\n")
@@ -303,16 +431,24 @@ def print_table(results: list[dict], work: float) -> None:
     trainer = [r for r in ok if r["run"].startswith("trainer")]
     best_rate = max((r["tokens_per_s"] for r in trainer), default=None)
     least_memory = min((r["peak_gib"] for r in trainer), default=None)
-    print("\n| run | tokens/s | MFU | peak GiB | x Trainer tokens/s | x Trainer memory |\n|---|---|---|---|---|---|")
+    print(
+        "\n| run | GPUs | tokens/s | MFU | peak GiB | peak GiB by GPU | x Trainer tokens/s | x Trainer memory |"
+        "\n|---|---|---|---|---|---|---|---|"
+    )
     for r in results:
         if "error" in r:
-            print(f"| {r['run']} | failed: see its error | | | | |")
+            print(f"| {r['run']} | failed: see its error | | | | | | |")
             continue
-        mfu = f"{r['tokens_per_s'] * work / peak:.1%}" if peak else "n/a"
+        spec = parse_spec(r["run"])
+        gpus = spec["processes"] if not spec["split"] else torch.cuda.device_count()
+        mfu = f"{r['tokens_per_s'] * work / (peak * spec['processes']):.1%}" if peak else "n/a"
         rate = f"{r['tokens_per_s'] / best_rate:.2f}" if best_rate else "n/a"
         memory = f"{r['peak_gib'] / least_memory:.2f}" if least_memory else "n/a"
-        print(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_gib']:.1f} | {rate} | {memory} |")
-    print(f"(MFU numerator: {work / 1e9:.1f} GFLOP per token, modules.tracking.training_flops_per_token)")
+        by_gpu = " / ".join(f"{value:.1f}" for value in r.get("peak_gib_by_gpu") or [])
+        row = [r["run"], gpus, f"{r['tokens_per_s']:,.0f}", mfu, f"{r['peak_gib']:.1f}", by_gpu, rate, memory]
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
+    print(f"(MFU numerator: {work / 1e9:.1f} GFLOP per token, modules.tracking.training_flops_per_token;")
+    print(" the denominator is the peak of one GPU per process: a split run uses its GPUs one after another)")
 
 
 if __name__ == "__main__":

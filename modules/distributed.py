@@ -124,15 +124,30 @@ def _state_options(full_state_dict: bool, frozen_too: bool = False):
 
 
 def gather_trainable_state(model: torch.nn.Module, frozen_too: bool = False) -> dict[str, torch.Tensor]:
-    """The whole trainable state (LoRA, trained token rows) on the main process, keyed as the PEFT model's.
+    """The whole trainable state (LoRA, trained token rows) on every process's CPU, keyed as the PEFT model's.
 
-    A collective under FSDP: every process must call it. `frozen_too` also gathers the frozen
-    weights, which PEFT needs when it saves resized embeddings with the adapter.
+    A collective under FSDP: every process must call it. Only the FSDP units that hold trainable
+    weights are gathered, one at a time, so the frozen base is never assembled. `frozen_too`
+    gathers everything instead (onto the main process only, on a GPU), which PEFT needs when it
+    saves resized embeddings with the adapter.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-    state = get_model_state_dict(model, options=_state_options(full_state_dict=True, frozen_too=frozen_too))
-    return {canonical_name(name): tensor.detach().cpu() for name, tensor in state.items()}
+    if frozen_too or not is_fsdp(model):
+        state = get_model_state_dict(model, options=_state_options(full_state_dict=True, frozen_too=frozen_too))
+        return {canonical_name(name): tensor.detach().cpu() for name, tensor in state.items()}
+    gathered = {}
+    for unit_name, unit in model.named_modules():
+        if not isinstance(unit, FullyShardedDataParallel) or not any(p.requires_grad for p in unit.parameters()):
+            continue
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
+            for name, parameter in unit.named_parameters():
+                own = "_fsdp_wrapped_module." not in name.removeprefix("_fsdp_wrapped_module.")  # not a nested unit's
+                if own and parameter.requires_grad:
+                    full_name = canonical_name(".".join(part for part in (unit_name, name) if part))
+                    gathered[full_name] = parameter.detach().cpu().clone()
+    return gathered
 
 
 def adapter_state(model: torch.nn.Module, resized_embeddings: bool) -> dict[str, torch.Tensor] | None:

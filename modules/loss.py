@@ -29,14 +29,14 @@ def chunked_cross_entropy(
     hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, chunk: int = CHUNK_TOKENS
 ) -> torch.Tensor:
     """Summed cross-entropy of lm_head(hidden[t]) against labels[t + 1] over the labelled positions."""
-    targets = labels[:, 1:].reshape(-1)
+    targets = labels[:, 1:].reshape(-1).to(hidden.device)  # under device_map auto, hidden is on the last GPU
     keep = targets != IGNORE_INDEX
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
     targets = targets[keep]
 
     def piece(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = lm_head(states).float()  # fp32 for the softmax, as transformers' loss does
-        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        return torch.nn.functional.cross_entropy(logits, targets.to(logits.device), reduction="sum")
 
     # An lm_head that is its own FSDP unit (trained token rows) is resharded after the forward, so
     # it cannot be re-run in backward: there the chunks keep their logits, as the model's own loss does.
@@ -44,7 +44,8 @@ def chunked_cross_entropy(
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk):
         pieces = (states[start : start + chunk], targets[start : start + chunk])
-        total = total + (checkpoint(piece, *pieces, use_reentrant=False) if recompute else piece(*pieces))
+        summed = checkpoint(piece, *pieces, use_reentrant=False) if recompute else piece(*pieces)
+        total = total + summed.to(total.device)  # lm_head may sit on another GPU under device_map auto
     return total
 
 

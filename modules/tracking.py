@@ -178,6 +178,7 @@ class LogWindow:
             "mfu": mfu(tokens / elapsed, flops_per_token, peak, accelerator.num_processes),
             "skipped_steps": progress.skipped_steps,
             "peak_memory_gib": round(peak_memory_gib(accelerator.device), 3),
+            "peak_memory_gib_by_gpu": peak_memory_by_gpu(accelerator),
             "elapsed_s": round(time.perf_counter() - run_start, 2),
         }
         self.tokens_seen += tokens
@@ -213,6 +214,30 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def memory_after_loading(device: torch.device) -> str | None:
+    """What the prepared model holds on this GPU and the peak while loading; then the peak count restarts.
+
+    Under FSDP each process first loads the whole 4-bit model and then keeps only its shard, so the
+    loading peak is not the training peak that metrics.jsonl reports.
+    """
+    if device.type != "cuda":
+        return None
+    held, peak = torch.cuda.memory_allocated(device) / 2**30, peak_memory_gib(device)
+    for index in range(torch.cuda.device_count()):  # all of a device_map split; this process's counts only
+        torch.cuda.reset_peak_memory_stats(index)
+    return f"{held:.1f} GiB held on this process's GPU after loading (peak while loading {peak:.1f} GiB)"
+
+
+def peak_memory_by_gpu(accelerator) -> list[float] | None:
+    """Each GPU's peak: every process's own (a gather), or every GPU of one process spread by device_map."""
+    if accelerator.device.type != "cuda":
+        return None
+    if accelerator.num_processes > 1:
+        mine = torch.tensor([peak_memory_gib(accelerator.device)], device=accelerator.device)
+        return [round(value, 3) for value in accelerator.gather(mine).tolist()]
+    return [round(torch.cuda.max_memory_allocated(index) / 2**30, 3) for index in range(torch.cuda.device_count())]
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
