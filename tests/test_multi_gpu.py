@@ -94,9 +94,8 @@ def test_fsdp_on_two_gpus_trains_resumes_and_saves_a_whole_adapter(tmp_path, tin
 
 
 def test_device_map_auto_spreads_one_process_over_both_gpus(tmp_path, fp32_config, one_gpu):
-    done = run_cli(
-        "--config", str(fp32_config), f"output_dir={tmp_path / 'split'}", "train.micro_batch_size=4", "model.device_map=auto"
-    )
+    split = (f"output_dir={tmp_path / 'split'}", "train.micro_batch_size=4", "model.device_map=auto")
+    done = run_cli("--config", str(fp32_config), *split)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "layers spread over 2 GPU(s)" in done.stdout
     records = [r for r in read_metrics(tmp_path / "split") if "loss" in r]
