@@ -52,6 +52,7 @@ from modules.model import (
     inspect_model,
     load_model,
     load_tokenizer,
+    placement,
     resolve_attention,
     resolve_precision,
 )
@@ -188,6 +189,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         config, source, tokenizer, precision, attention, accelerator.device, data.trainable_token_ids, sharded
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    spread = placement(model)  # device_map auto: which GPU holds which modules
     resized_embeddings = len(tokenizer) > summary.vocab_size  # PEFT then saves the embeddings with the adapter
     if sharded:
         configure_fsdp(accelerator, model, precision.compute_dtype)
@@ -221,7 +223,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     writes_samples = accelerator.is_main_process and not sharded
     samples = SampleWriter(output_dir / "samples.jsonl", config.eval, enabled=writes_samples)
     if accelerator.is_main_process:
-        loaded = (trainable, count_4bit_linears(model), loading_memory)
+        loaded = (trainable, count_4bit_linears(model), loading_memory, spread)
         print_plan(*plan, loaded=loaded, resumed_from=resume_from)
     stop = StopSignal()
 
@@ -421,7 +423,7 @@ def print_plan(
     precision,
     attention,
     wandb_mode,
-    loaded: tuple[int, int, str | None] | None = None,
+    loaded: tuple[int, int, str | None, str | None] | None = None,
     resumed_from: Path | None = None,
 ) -> None:
     train = config.train
@@ -429,7 +431,7 @@ def print_plan(
     mean_row = audit.tokens / max(audit.rows_kept, 1)
     tokens_per_row = audit.tokens / audit.packed_rows if audit.packed_rows else mean_row
     if loaded is not None:
-        trainable, linears, loading_memory = loaded
+        trainable, linears, loading_memory, spread = loaded
         params = f"{summary.total_params:,} total, {trainable:,} trainable ({trainable / summary.total_params:.2%})"
         quantized = f"{linears} linear layers in 4-bit" if config.quant.load_in_4bit else "none"
     else:
@@ -466,6 +468,7 @@ def print_plan(
         ),
         ("loss", loss_line(config, summary)),
         ("devices", devices_line(config, state)),
+        *([("placement", spread)] if loaded is not None and spread else []),
         *([("memory", loading_memory)] if loaded is not None and loading_memory else []),
         ("output", f"{config.output_dir} (W&B {wandb_mode})"),
     ]

@@ -254,3 +254,15 @@ def count_4bit_linears(model: torch.nn.Module) -> int:
     import bitsandbytes as bnb
 
     return sum(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
+
+
+def placement(peft_model) -> str | None:
+    """Where device_map put the base model's modules, when it spread them over several devices."""
+    from collections import Counter
+
+    device_map = getattr(peft_model.get_base_model(), "hf_device_map", None) or {}
+    counts = Counter(str(device) for device in device_map.values())
+    if len(counts) < 2:
+        return None
+    where = {device: f"GPU {device}" if device.isdigit() else device for device in counts}
+    return ", ".join(f"{count} module(s) on {where[device]}" for device, count in counts.items())
