@@ -51,7 +51,7 @@ def base_tokenizer():
     return tokenizer
 
 
-def save_tiny_llama(folder: Path, tokenizer, tie_word_embeddings: bool = False) -> Path:
+def save_tiny_llama(folder: Path, tokenizer, tie_word_embeddings: bool = False, **shape) -> Path:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -69,6 +69,7 @@ def save_tiny_llama(folder: Path, tokenizer, tie_word_embeddings: bool = False) 
         tie_word_embeddings=tie_word_embeddings,
         initializer_range=0.25,  # a frozen lm_head of std 0.02 caps the logits: loss could hardly fall
     )
+    config.update(shape)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
     model.save_pretrained(folder)
