@@ -6,10 +6,11 @@ the wrap policy, the optimizer's parameter groups, the adapter gather, the check
 around torch's own FullyShardedDataParallel:
 
     python tests/fsdp_cpu_worker.py CONFIG OUT                        # one process, unsharded
-    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_cpu_worker.py CONFIG OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_cpu_worker.py CONFIG OUT [ddp]
 
-Each rank trains on its half of a fixed global batch; OUT/result.json gets the losses, OUT/adapter
-the saved adapter.
+Each rank trains on its half of a fixed global batch; OUT/result.json gets the losses, whether
+every rank ended with the same trainable weights, and OUT/adapter the saved adapter. `ddp` wraps
+in DistributedDataParallel instead of FSDP, as train.py's data-parallel launches do.
 """
 
 import json
@@ -41,12 +42,13 @@ GLOBAL_ROWS = 4
 STEPS = 3
 
 
-def main(config_path: str, out: str) -> None:
+def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
     out = Path(out)
-    sharded = "WORLD_SIZE" in os.environ
-    if sharded:
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
         dist.init_process_group("gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    sharded = distributed and wrapper == "fsdp"
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     config = load_config(Path(config_path), [])
     tokenizer = load_tokenizer(config.model.name_or_path)
     data = build_datasets(config.data, tokenizer, config.train.seed)
@@ -65,6 +67,8 @@ def main(config_path: str, out: str) -> None:
         model = FullyShardedDataParallel(
             model, auto_wrap_policy=trainable_wrap_policy(model), device_id=cpu, use_orig_params=True
         )
+    elif distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = build_optimizer(model, config.train, matrices)
     decayed = torch.tensor(sum(p.numel() for p in optimizer.param_groups[0]["params"]))  # this rank's shard
     if sharded:
@@ -75,23 +79,31 @@ def main(config_path: str, out: str) -> None:
     per_rank = GLOBAL_ROWS // world
     batch = collate(rows[rank * per_rank : (rank + 1) * per_rank])  # one packed row per process
     label_tokens = torch.tensor((batch["labels"][:, 1:] != IGNORE_INDEX).sum().item())
-    if sharded:
+    if distributed:
         dist.all_reduce(label_tokens)
 
     def step() -> float:
         loss = model(**batch, num_items_in_batch=label_tokens).loss
-        (loss * world).backward()  # FSDP averages gradients over processes; the loss is a global sum already
+        (loss * world).backward()  # FSDP/DDP average gradients over processes; the loss is a global sum already
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         total = loss.detach().clone()
-        if sharded:
+        if distributed:
             dist.all_reduce(total)
         return total.item()
 
     losses = [step() for _ in range(STEPS)]
+    # Every rank's own view of the trained weights (under FSDP: the gathered whole), compared across ranks.
+    mine = gather_trainable_state(model) if sharded else trainable_weights(model)
+    views = [None] * world
+    if distributed:
+        dist.all_gather_object(views, mine)
+    ranks_agree = None
+    if distributed:
+        ranks_agree = all(torch.equal(view[name], views[0][name]) for view in views for name in views[0])
     whole = adapter_state(model, resized) if sharded else None
     if rank == 0:
-        save_adapter(model.module if sharded else model, whole, out / "adapter")
+        save_adapter(model.module if distributed else model, whole, out / "adapter")
 
     # A checkpoint round trip: one more step, then back to the checkpoint and the same step again.
     (out / "checkpoint").mkdir(parents=True, exist_ok=True)
@@ -112,18 +124,22 @@ def main(config_path: str, out: str) -> None:
             "decayed_elements": decayed.item(),
             "replay_max_abs_error": replay_error,
             "gathered_tensors": sorted(after_once),
+            "ranks_agree": ranks_agree,
+            "compared_tensors": len(mine),
         }
         (out / "result.json").write_text(json.dumps(result))
-    if sharded:
+    if distributed:
         dist.destroy_process_group()
+
+
+def trainable_weights(model) -> dict[str, torch.Tensor]:
+    return {canonical_name(name): p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def step_and_gather(step, model, sharded: bool) -> dict[str, torch.Tensor]:
     step()
-    if sharded:
-        return gather_trainable_state(model)
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return gather_trainable_state(model) if sharded else trainable_weights(model)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -16,13 +16,13 @@ pytestmark = pytest.mark.slow
 WORKER = str(REPO / "tests" / "fsdp_cpu_worker.py")
 
 
-def run_worker(config, out, ranks: int) -> dict:
+def run_worker(config, out, ranks: int, wrapper: str = "fsdp") -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_", "FSDP_"))}
     launcher = [sys.executable]
     if ranks > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
     done = subprocess.run(
-        [*launcher, WORKER, str(config), str(out)], capture_output=True, text=True, env=env, timeout=300
+        [*launcher, WORKER, str(config), str(out), wrapper], capture_output=True, text=True, env=env, timeout=300
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads((out / "result.json").read_text())
@@ -44,6 +44,7 @@ def test_sharded_training_equals_one_process_and_saves_a_whole_adapter(tmp_path,
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
     assert two["losses"][-1] < two["losses"][0]
     assert two["replay_max_abs_error"] < 1e-6  # the checkpoint restored the weights and AdamW moments
+    assert two["ranks_agree"] is True and two["compared_tensors"] >= 28  # each rank gathers the same adapter
 
     # The adapter written under FSDP is whole: every tensor at its real shape, equal to one process's.
     sharded, single = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("two", "one"))
@@ -64,6 +65,14 @@ def test_sharded_training_equals_one_process_and_saves_a_whole_adapter(tmp_path,
     lora = dict(loaded.named_parameters())
     some = next(name for name in single if "lora_B" in name)
     assert torch.equal(lora[some.replace(".weight", ".default.weight")].detach(), sharded[some])
+
+
+def test_ddp_ranks_end_with_identical_lora_weights(tmp_path, tiny_model_dir, chat_file):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "unused", lora={"dropout": 0.0})
+    one = run_worker(config, tmp_path / "one", ranks=1)
+    two = run_worker(config, tmp_path / "two", ranks=2, wrapper="ddp")
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert two["ranks_agree"] is True and two["compared_tensors"] == 28  # 2 layers x 7 projections x (A, B)
 
 
 def test_an_fsdp_launcher_on_the_cpu_is_refused_before_loading(tmp_path, tiny_model_dir, chat_file):
