@@ -199,9 +199,12 @@ def run_ours(spec: dict, args, data: Path) -> dict:
         }
         config_path = Path(scratch) / "run.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        done = subprocess.run([*launcher(spec), str(REPO / "train.py"), "--config", str(config_path)], text=True)
+        command = [*launcher(spec), str(REPO / "train.py"), "--config", str(config_path)]
+        done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
+            print(done.stderr[-6000:], file=sys.stderr)
             return {"error": f"train.py exited {done.returncode}"}
+        plan = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith(("memory", "placement"))]
         records = [json.loads(line) for line in (Path(scratch) / "run" / "metrics.jsonl").read_text().splitlines()]
         adapter = adapter_tensors(Path(scratch) / "run" / "adapter")
     measured = [r for r in records if "loss" in r and r["step"] > args.warmup]
@@ -213,6 +216,7 @@ def run_ours(spec: dict, args, data: Path) -> dict:
         "peak_gib_by_gpu": peaks_by_gpu([r["peak_memory_gib_by_gpu"] for r in measured]),
         "final_loss": measured[-1]["loss"],
         "adapter_tensors": adapter,
+        "plan": plan,  # memory held after loading and the loading peak; placement under device_map
     }
 
 
