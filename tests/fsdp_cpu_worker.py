@@ -36,7 +36,7 @@ from modules.distributed import (  # noqa: E402
 )
 from modules.model import Precision, inspect_model, load_model, load_tokenizer  # noqa: E402
 from modules.optim import build_optimizer  # noqa: E402
-from modules.packing import PackedCollator  # noqa: E402
+from modules.packing import PackedCollator, PackedDataset  # noqa: E402
 
 GLOBAL_ROWS = 4
 STEPS = 3
@@ -101,6 +101,16 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
     ranks_agree = None
     if distributed:
         ranks_agree = all(torch.equal(view[name], views[0][name]) for view in views for name in views[0])
+    # Evaluation as train.py runs it, on an odd number of packed rows: under FSDP the rank with fewer
+    # rows must still join every forward (each one gathers weights), or the ranks would hang.
+    from accelerate import Accelerator
+
+    from modules.evaluate import evaluate
+
+    eval_rows = next(
+        rows for k in range(3, 24) if len(rows := PackedDataset(data.train.samples.select(range(k)), 128)) % 2
+    )
+    evaluation = evaluate(Accelerator(cpu=True), model, eval_rows, collate, micro_batch_size=1)
     whole = adapter_state(model, resized) if sharded else None
     if rank == 0:
         save_adapter(model.module if distributed else model, whole, out / "adapter")
@@ -125,6 +135,9 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
             "replay_max_abs_error": replay_error,
             "gathered_tensors": sorted(after_once),
             "ranks_agree": ranks_agree,
+            "eval_loss": evaluation["eval_loss"],
+            "eval_tokens": evaluation["eval_tokens"],
+            "eval_rows": len(eval_rows),
             "compared_tensors": len(mine),
         }
         (out / "result.json").write_text(json.dumps(result))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -21,10 +22,22 @@ def run_worker(config, out, ranks: int, wrapper: str = "fsdp") -> dict:
     launcher = [sys.executable]
     if ranks > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
-    done = subprocess.run(
-        [*launcher, WORKER, str(config), str(out), wrapper], capture_output=True, text=True, env=env, timeout=300
+    # Its own process group, so a hang (a collective some rank skipped) takes every rank down with it.
+    worker = subprocess.Popen(
+        [*launcher, WORKER, str(config), str(out), wrapper],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
+    try:
+        _, stderr = worker.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        _, stderr = worker.communicate()
+        pytest.fail(f"the worker hung for 300 s:\n{stderr[-3000:]}")
+    assert worker.returncode == 0, stderr[-4000:]
     return json.loads((out / "result.json").read_text())
 
 
@@ -45,6 +58,8 @@ def test_sharded_training_equals_one_process_and_saves_a_whole_adapter(tmp_path,
     assert two["losses"][-1] < two["losses"][0]
     assert two["replay_max_abs_error"] < 1e-6  # the checkpoint restored the weights and AdamW moments
     assert two["ranks_agree"] is True and two["compared_tensors"] >= 28  # each rank gathers the same adapter
+    assert two["eval_rows"] % 2 == 1 and two["eval_tokens"] == one["eval_tokens"] > 0  # uneven shards, no hang
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
 
     # The adapter written under FSDP is whole: every tensor at its real shape, equal to one process's.
     sharded, single = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("two", "one"))
