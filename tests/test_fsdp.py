@@ -2,15 +2,13 @@
 
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import REPO, base_tokenizer, save_tiny_llama, write_config
 from safetensors.torch import load_file
-from test_multiprocess import free_port
+from test_multiprocess import free_port, run_process_group
 from test_train import run_cli
 
 pytestmark = pytest.mark.slow
@@ -22,22 +20,8 @@ def run_worker(config, out, ranks: int, wrapper: str = "fsdp") -> dict:
     launcher = [sys.executable]
     if ranks > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
-    # Its own process group, so a hang (a collective some rank skipped) takes every rank down with it.
-    worker = subprocess.Popen(
-        [*launcher, WORKER, str(config), str(out), wrapper],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = worker.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(worker.pid, signal.SIGKILL)
-        _, stderr = worker.communicate()
-        pytest.fail(f"the worker hung for 300 s:\n{stderr[-3000:]}")
-    assert worker.returncode == 0, stderr[-4000:]
+    done = run_process_group([*launcher, WORKER, str(config), str(out), wrapper], env)  # a hang fails, not blocks
+    assert done.returncode == 0, done.stderr[-4000:]
     return json.loads((out / "result.json").read_text())
 
 

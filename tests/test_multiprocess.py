@@ -38,16 +38,20 @@ def launch_two_cpu_ranks(*args: str) -> subprocess.CompletedProcess:
         str(REPO / "train.py"),
         *args,
     ]
-    # Its own process group, so a hung launch takes its ranks with it instead of leaving them behind.
+    return run_process_group(command, env)
+
+
+def run_process_group(command: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a multi-process launch in its own process group, so a hang takes every rank down with it."""
     launch = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
     try:
-        stdout, stderr = launch.communicate(timeout=300)
+        stdout, stderr = launch.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(launch.pid, signal.SIGKILL)
         stdout, stderr = launch.communicate()
-        pytest.fail(f"the two-rank launch hung for 300 s:\n{stderr[-3000:]}")
+        pytest.fail(f"the launch hung for {timeout} s:\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(command, launch.returncode, stdout, stderr)
 
 
