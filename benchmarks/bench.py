@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -338,19 +339,21 @@ def run_trainer(spec: dict, args, data: Path) -> dict:
 def parse_spec(text: str) -> dict:
     parts = text.split(":")
     who, batch, recompute, *extra = parts
-    launches = [e for e in extra if e == "split" or (e[:3] == "ddp" or e[:4] == "fsdp") and e[-1].isdigit()]
-    flags = set(extra) - set(launches)
+    launches = [match for e in extra if (match := re.fullmatch(r"(ddp|fsdp)(\d+)|split", e))]
+    flags = set(extra) - {match.group(0) for match in launches}
     if who not in ("ours", "trainer") or recompute not in ("gc", "nogc") or flags - {"liger", "fullce"}:
         raise SystemExit(f"bad run {text!r}: WHO:BATCH:gc|nogc[:liger|:fullce][:ddpN|:fsdpN|:split]")
-    launch = launches[0] if launches else ""
-    spec = {"name": text, "who": who, "batch": int(batch), "gc": recompute == "gc"}
-    processes = int(launch.removeprefix("ddp").removeprefix("fsdp")) if launch[:3] in ("ddp", "fsd") else 1
-    return spec | {
+    kind, processes = (launches[0].group(1), int(launches[0].group(2) or 1)) if launches else (None, 1)
+    return {
+        "name": text,
+        "who": who,
+        "batch": int(batch),
+        "gc": recompute == "gc",
         "liger": "liger" in flags,
         "chunked_loss": "fullce" not in flags,
         "processes": processes,
-        "fsdp": launch.startswith("fsdp"),
-        "split": launch == "split",
+        "fsdp": kind == "fsdp",
+        "split": bool(launches) and launches[0].group(0) == "split",
     }
 
 

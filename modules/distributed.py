@@ -2,9 +2,9 @@
 
 Under FSDP each process holds a shard of every weight, so "the adapter" exists whole on no
 process. Saving the unwrapped PEFT model there writes flattened or empty tensors (a known failure
-of the anchors); everything saved here goes through torch.distributed.checkpoint's full state
-dict instead, which gathers the trainable weights unit by unit. Unsharded launches (one process,
-DDP) keep accelerate's own save_state/load_state.
+of the anchors); what is saved here is gathered first: the trainable weights unit by unit, the
+optimizer state through torch.distributed.checkpoint's full state dict. Unsharded launches (one
+process, DDP) keep accelerate's own save_state/load_state.
 
 FSDP version 1 is used: it shards bitsandbytes' 4-bit weights as the flat buffers they are, as
 long as they are stored in the dtype of the weights beside them (bnb_4bit_quant_storage equal to
@@ -115,12 +115,13 @@ def canonical_name(name: str) -> str:
     return name.removeprefix("module.").replace("_fsdp_wrapped_module.", "")
 
 
-def _state_options(full_state_dict: bool, frozen_too: bool = False):
+def _whole_state_options(frozen_too: bool = False):
+    """torch.distributed.checkpoint options for a full (unsharded) state dict."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # cpu_offload gathers onto rank 0's CPU; FSDP1's CPU backend (gloo tests) cannot, and needs no offload.
     on_gpu = torch.cuda.is_available() and torch.distributed.is_initialized()
-    return StateDictOptions(full_state_dict=full_state_dict, cpu_offload=on_gpu, ignore_frozen_params=not frozen_too)
+    return StateDictOptions(full_state_dict=True, cpu_offload=on_gpu, ignore_frozen_params=not frozen_too)
 
 
 def gather_trainable_state(model: torch.nn.Module, frozen_too: bool = False) -> dict[str, torch.Tensor]:
@@ -135,7 +136,7 @@ def gather_trainable_state(model: torch.nn.Module, frozen_too: bool = False) -> 
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if frozen_too or not is_fsdp(model):
-        state = get_model_state_dict(model, options=_state_options(full_state_dict=True, frozen_too=frozen_too))
+        state = get_model_state_dict(model, options=_whole_state_options(frozen_too))
         return {canonical_name(name): tensor.detach().cpu() for name, tensor in state.items()}
     gathered = {}
     for unit_name, unit in model.named_modules():
@@ -201,7 +202,7 @@ def save_sharded_training_state(model, optimizer, folder: Path, is_main: bool) -
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = gather_trainable_state(model)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=_state_options(full_state_dict=True))
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=_whole_state_options())
     if is_main:
         torch.save(weights, folder / TRAINABLE_FILE)
         torch.save(optimizer_state, folder / OPTIMIZER_FILE)

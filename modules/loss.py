@@ -15,6 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from modules.data import IGNORE_INDEX
+from modules.distributed import is_fsdp
 
 # Architectures whose logits are exactly lm_head(last hidden state): no softcapping, no scaling.
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -40,7 +41,7 @@ def chunked_cross_entropy(
 
     # An lm_head that is its own FSDP unit (trained token rows) is resharded after the forward, so
     # it cannot be re-run in backward: there the chunks keep their logits, as the model's own loss does.
-    recompute = not any(type(module).__name__ == "FullyShardedDataParallel" for module in lm_head.modules())
+    recompute = not is_fsdp(lm_head)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk):
         pieces = (states[start : start + chunk], targets[start : start + chunk])

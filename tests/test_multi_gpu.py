@@ -32,17 +32,22 @@ def launch(config_file: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
-@pytest.fixture
-def fp32_config(tmp_path, tiny_model_dir, chat_file):
+def write_fp32_config(tmp_path, model_dir, chat_file, micro_batch_size: int = 2):
+    """4 steps in fp32 with a checkpoint at step 2, no dropout: launches compare step for step."""
     return write_config(
         tmp_path / "run.yaml",
-        tiny_model_dir,
+        model_dir,
         chat_file,
         tmp_path / "unused",
-        train={"max_steps": 4, "mixed_precision": "no", "micro_batch_size": 2},
+        train={"max_steps": 4, "mixed_precision": "no", "micro_batch_size": micro_batch_size},
         lora={"dropout": 0.0},
         checkpoint={"every_steps": 2},
     )
+
+
+@pytest.fixture
+def fp32_config(tmp_path, tiny_model_dir, chat_file):
+    return write_fp32_config(tmp_path, tiny_model_dir, chat_file)
 
 
 @pytest.fixture
@@ -96,14 +101,7 @@ def test_fsdp_on_two_gpus_trains_resumes_and_saves_a_whole_adapter(tmp_path, tin
 def test_device_map_auto_spreads_one_process_over_both_gpus(tmp_path, chat_file):
     # Deep enough that device_map auto balances its layers over two GPUs (the tiny model fits GPU 0 whole).
     model_dir = save_tiny_llama(tmp_path / "deep", build_tokenizer(), num_hidden_layers=8, hidden_size=256)
-    config = write_config(
-        tmp_path / "run.yaml",
-        model_dir,
-        chat_file,
-        tmp_path / "unused",
-        train={"max_steps": 4, "mixed_precision": "no", "micro_batch_size": 4},
-        lora={"dropout": 0.0},
-    )
+    config = write_fp32_config(tmp_path, model_dir, chat_file, micro_batch_size=4)
     one = run_cli("--config", str(config), f"output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]
     done = run_cli("--config", str(config), f"output_dir={tmp_path / 'split'}", "model.device_map=auto")
