@@ -48,12 +48,14 @@ from modules.evaluate import evaluate
 from modules.generation import SampleWriter
 from modules.loss import CHUNK_TOKENS, SUPPORTED
 from modules.model import (
+    activation_offload,
     count_4bit_linears,
     inspect_model,
     load_model,
     load_tokenizer,
     placement,
     resolve_attention,
+    resolve_compile,
     resolve_precision,
 )
 from modules.optim import build_optimizer, build_scheduler, total_optimizer_steps
@@ -138,6 +140,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         )
     check_fsdp_launch(state.device, config.quant.load_in_4bit)
     sharded = fsdp_launch()
+    compiled = resolve_compile(config, state.device, sharded, state.num_processes)
     precision = resolve_precision(config, state.device)
     attention = resolve_attention(config, state.device, precision)
     wandb_mode = resolve_wandb_mode(config.log.wandb)
@@ -186,7 +189,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     register_adapter_only_state(accelerator)
     set_seed(config.train.seed)
     model = load_model(
-        config, source, tokenizer, precision, attention, accelerator.device, data.trainable_token_ids, sharded
+        config, source, tokenizer, precision, attention, accelerator.device, data.trainable_token_ids, sharded, compiled
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     spread = placement(model)  # device_map auto: which GPU holds which modules
@@ -232,6 +235,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     batches = endless(accelerator, loader, progress.micro_step)
     bar = progress_bar(total_steps, progress.optimizer_step, enabled=accelerator.is_main_process)
     window = LogWindow(accelerator.device)
+    offload = activation_offload(config, model, accelerator.device)  # train.grad_checkpointing offload
     skipped_in_row, losses, stop_reason, run_start = 0, [], None, time.perf_counter()
     while progress.optimizer_step < total_steps and stop_reason is None:
         # Fetch the whole step first: the loss is normalised by the label tokens of all of its
@@ -243,7 +247,8 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         for batch in micro_batches:
             with accelerator.accumulate(model):
                 # loss = this micro-batch's summed cross-entropy / the step's label tokens
-                loss = model(**batch, num_items_in_batch=step_label_tokens).loss
+                with offload:
+                    loss = model(**batch, num_items_in_batch=step_label_tokens).loss
                 # backward() divides by accum and DDP averages over processes: undo both so the
                 # gradient is exactly that of the step's token-weighted mean loss.
                 accelerator.backward(loss * accum * accelerator.num_processes)
@@ -438,6 +443,13 @@ def print_plan(
         params = f"{summary.total_params:,} total, ~{summary.lora_params:,} trainable (LoRA)"
         quantized = f"~{summary.quantized_linears} linear layers in 4-bit" if config.quant.load_in_4bit else "none"
     quant = config.quant
+    compiled = resolve_compile(config, state.device, fsdp_launch(), state.num_processes)
+    compiling = "on (decoder layers; the first steps compile)" if compiled else "off"
+    recompute = {True: "on", False: "off", "offload": "on, layer inputs offloaded to pinned CPU memory"}[
+        train.grad_checkpointing
+    ]
+    if train.grad_checkpointing == "offload" and state.device.type != "cuda":
+        recompute = "on (offload asked, but on the CPU there is nothing to offload)"
     rows = [
         ("model", config.model.name_or_path),
         ("parameters", params),
@@ -464,7 +476,7 @@ def print_plan(
         (
             "precision",
             f"autocast {precision.mixed}, compute {str(precision.compute_dtype).removeprefix('torch.')}, "
-            f"grad checkpointing {'on' if train.grad_checkpointing else 'off'}",
+            f"grad checkpointing {recompute}, torch.compile {compiling}",
         ),
         ("loss", loss_line(config, summary)),
         ("devices", devices_line(config, state)),

@@ -3,13 +3,15 @@
     python benchmarks/bench.py [--shape llama3-8b] [--seq-len 2048] [--steps 10] [--warmup 3] \
         [--runs trainer:2:gc ours:2:gc ours:2:nogc ...] [--out results.jsonl]
 
-A run is WHO:BATCH:RECOMPUTE[:liger], WHO being `trainer` or `ours`, BATCH rows of --seq-len tokens
-per optimizer step (micro-batch, no accumulation), RECOMPUTE `gc` (gradient checkpointing) or
-`nogc`; `liger` adds liger-kernel to Trainer (use_liger_kernel=True); `fullce` turns our chunked
-cross-entropy off (train.chunked_loss false). Our runs may name a launch: `ddpN` (N processes,
-accelerate_configs/multi_gpu.yaml), `fsdpN` (accelerate_configs/fsdp_qlora.yaml), `split` (one
-process, model.device_map auto over the visible GPUs); BATCH is then per process. Each run is its
-own process (group), so peak memory is its own. The job: a random-weight model of the named shape saved once under
+A run is WHO:BATCH:RECOMPUTE[:FLAG...], WHO being `trainer` or `ours`, BATCH rows of --seq-len
+tokens per optimizer step (micro-batch, no accumulation), RECOMPUTE `gc` (gradient checkpointing),
+`offload` (ours only: checkpointing with the layer inputs in CPU memory) or `nogc`. Flags: `liger`
+adds liger-kernel to Trainer (use_liger_kernel=True); `fullce` turns our chunked cross-entropy off
+(train.chunked_loss false); `eager` turns our compiled decoder layers off (train.compile false).
+Our runs may name a launch: `ddpN` (N processes, accelerate_configs/multi_gpu.yaml), `fsdpN`
+(accelerate_configs/fsdp_qlora.yaml), `split` (one process, model.device_map auto over the visible
+GPUs); BATCH is then per process. Each run is its own process (group), so peak memory is its own.
+The job: a random-weight model of the named shape saved once under
 --model-dir (no hub), NF4 with double quantization, LoRA r 16 / alpha 32 / dropout 0.05 on all 7
 projections, AdamW lr 2e-4, cosine with warmup, bf16 autocast; rows of exactly --seq-len tokens
 of random words, every token trained, so neither side pads. Trainer runs the documented QLoRA
@@ -190,8 +192,9 @@ def run_ours(spec: dict, args, data: Path) -> dict:
                 "max_steps": args.warmup + args.steps,
                 "lr": 2e-4,
                 "warmup_steps": 1,
-                "grad_checkpointing": spec["gc"],
+                "grad_checkpointing": "offload" if spec["offload"] else spec["gc"],
                 "chunked_loss": spec["chunked_loss"],
+                **({"compile": False} if spec["eager"] else {}),  # else train.py's default: compiled on a GPU
             },
             "model": {"name_or_path": str(args.model_dir), "device_map": "auto" if spec["split"] else None},
             "checkpoint": {"every_steps": None},
@@ -201,10 +204,18 @@ def run_ours(spec: dict, args, data: Path) -> dict:
         config_path = Path(scratch) / "run.yaml"
         config_path.write_text(yaml.safe_dump(config))
         command = [*launcher(spec), str(REPO / "train.py"), "--config", str(config_path)]
+        if args.profile:  # one process: train.py under torch.profiler, the measured steps recorded
+            folder = args.profile / spec["name"].replace(":", "-")
+            script = REPO / "benchmarks" / "profile_train.py"
+            command = [sys.executable, str(script), "--config", str(config_path), "--out", str(folder)]
+            command += ["--skip", str(args.warmup), "--active", str(min(args.steps, 2))]
         done = subprocess.run(command, capture_output=True, text=True)
+        if args.profile:
+            print(done.stdout[-12000:], file=sys.stderr)
         if done.returncode != 0:
             print(done.stderr[-6000:], file=sys.stderr)
             return {"error": f"train.py exited {done.returncode}"}
+        recompiles = sum("Recompiling function" in line for line in done.stderr.splitlines())  # TORCH_LOGS=recompiles
         plan = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith(("memory", "placement"))]
         records = [json.loads(line) for line in (Path(scratch) / "run" / "metrics.jsonl").read_text().splitlines()]
         adapter = adapter_tensors(Path(scratch) / "run" / "adapter")
@@ -217,6 +228,7 @@ def run_ours(spec: dict, args, data: Path) -> dict:
         "peak_gib_by_gpu": peaks_by_gpu([r["peak_memory_gib_by_gpu"] for r in measured]),
         "final_loss": measured[-1]["loss"],
         "adapter_tensors": adapter,
+        "recompiles": recompiles,
         "plan": plan,  # memory held after loading and the loading peak; placement under device_map
     }
 
@@ -246,14 +258,31 @@ def launcher(spec: dict) -> list[str]:
     ]
 
 
+def trainer_model(model_dir: Path, gc: bool):
+    """The documented QLoRA recipe Trainer users follow: NF4, prepare_model_for_kbit_training, SDPA, LoRA."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quantization, dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=PROJECTIONS, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
 def run_trainer(spec: dict, args, data: Path) -> dict:
     import datasets
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (
-        AutoModelForCausalLM,
         AutoTokenizer,
-        BitsAndBytesConfig,
         DataCollatorForSeq2Seq,
         Trainer,
         TrainerCallback,
@@ -270,18 +299,7 @@ def run_trainer(spec: dict, args, data: Path) -> dict:
 
     rows = datasets.load_dataset("json", data_files=str(data), split="train")
     rows = rows.map(tokenize, remove_columns=["text"])
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if gpu else torch.float32,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir, quantization_config=quantization, dtype=torch.bfloat16, attn_implementation="sdpa"
-    )
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gc"])
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=PROJECTIONS, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    model = trainer_model(args.model_dir, spec["gc"])
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -341,16 +359,22 @@ def parse_spec(text: str) -> dict:
     who, batch, recompute, *extra = parts
     launches = [match for e in extra if (match := re.fullmatch(r"(ddp|fsdp)(\d+)|split", e))]
     flags = set(extra) - {match.group(0) for match in launches}
-    if who not in ("ours", "trainer") or recompute not in ("gc", "nogc") or flags - {"liger", "fullce"}:
-        raise SystemExit(f"bad run {text!r}: WHO:BATCH:gc|nogc[:liger|:fullce][:ddpN|:fsdpN|:split]")
+    if (
+        who not in ("ours", "trainer")
+        or recompute not in ("gc", "nogc", "offload")
+        or flags - {"liger", "fullce", "eager"}
+    ):
+        raise SystemExit(f"bad run {text!r}: WHO:BATCH:gc|nogc|offload[:liger|:fullce|:eager][:ddpN|:fsdpN|:split]")
     kind, processes = (launches[0].group(1), int(launches[0].group(2) or 1)) if launches else (None, 1)
     return {
         "name": text,
         "who": who,
         "batch": int(batch),
-        "gc": recompute == "gc",
+        "gc": recompute != "nogc",
+        "offload": recompute == "offload",
         "liger": "liger" in flags,
         "chunked_loss": "fullce" not in flags,
+        "eager": "eager" in flags,
         "processes": processes,
         "fsdp": kind == "fsdp",
         "split": bool(launches) and launches[0].group(0) == "split",
@@ -388,6 +412,7 @@ def main() -> None:
     parser.add_argument(
         "--prequantized", action="store_true", help="build the model already in NF4, layer by layer (for 70B)"
     )
+    parser.add_argument("--profile", type=Path, help="run ours under torch.profiler; tables and traces go here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one spec in this process
     args = parser.parse_args()
     args.model_dir = args.model_dir / f"{args.shape}{'-nf4' if args.prequantized else ''}"

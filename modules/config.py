@@ -133,7 +133,17 @@ class TrainConfig(Section):
         None, ge=0, lt=1, description="Warmup as a fraction of all steps; with neither warmup key set, 0.03."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (the norm is logged).")
-    grad_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant).")
+    grad_checkpointing: Literal["offload"] | bool = Field(
+        True,
+        description="Recompute activations in backward (non-reentrant). offload: also keep what the recompute starts "
+        "from (each layer's input) in pinned CPU memory, for long sequences (on a GPU; slower per token).",
+    )
+    compile: Literal["auto"] | bool = Field(
+        "auto",
+        description="torch.compile each decoder layer (fuses norms, rotary, SwiGLU and the LoRA adds; the first "
+        "steps compile). auto: on for one process on one GPU; off on the CPU (compiling costs minutes), under "
+        "DDP and device_map (true turns it on there) and under FSDP (refused).",
+    )
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         "auto", description="auto: bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, no on CPU."
     )
@@ -151,6 +161,14 @@ class TrainConfig(Section):
     @classmethod
     def _unquoted_no(cls, value):
         return "no" if value is False else value  # YAML reads an unquoted `no` as false
+
+    @field_validator("grad_checkpointing", "compile", mode="before")
+    @classmethod
+    def _switch_or_word(cls, value, info):
+        word = {"grad_checkpointing": "offload", "compile": "auto"}[info.field_name]
+        if isinstance(value, bool) or value == word:
+            return value
+        raise ValueError(f"true, false or {word}")
 
 
 class CheckpointConfig(Section):

@@ -23,16 +23,17 @@ def reply(model, tokenizer, messages: list[dict], settings: GenerationSettings, 
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     ).to(model.device)
     sampling = {} if settings.greedy else {"temperature": settings.temperature, "top_p": settings.top_p}
-    output = model.generate(
-        **inputs,
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=not settings.greedy,
-        **sampling,
-        use_cache=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        streamer=streamer,
-    )
+    with torch.compiler.set_stance("force_eager"):  # compiled layers (train.compile) would recompile per token
+        output = model.generate(
+            **inputs,
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=not settings.greedy,
+            **sampling,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            streamer=streamer,
+        )
     new_tokens = output[0, inputs["input_ids"].shape[1] :]
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 

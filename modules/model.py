@@ -7,6 +7,7 @@ the RMSNorms already compute in fp32 internally, transformers' loss upcasts the 
 and the LoRA weights themselves are kept in fp32 by PEFT (`autocast_adapter_dtype`).
 """
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -85,6 +86,75 @@ def resolve_attention(config: RunConfig, device: torch.device, precision: Precis
             "Ampere or newer GPU, torch >= 2.10 and bf16/fp16 compute. Use auto or sdpa."
         )
     return choice
+
+
+class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
+    """Keep the large tensors autograd saves for backward in CPU memory (pinned, for a GPU's tensors).
+
+    Under gradient checkpointing, what autograd saves outside the recomputed regions is each decoder
+    layer's input (layers x tokens x hidden: what dominates at long sequences). Unlike
+    torch.autograd.graph.save_on_cpu, the model's own weights (a compiled layer saves them too) and
+    small tensors stay where they are. Copies are ordered on the compute stream, so no sync is needed.
+    """
+
+    def __init__(self, model: torch.nn.Module, min_elements: int = 2**14):
+        weights = {tensor.untyped_storage().data_ptr() for tensor in [*model.parameters(), *model.buffers()]}
+        self.offloaded: list[tuple[int, ...]] = []  # shapes of the tensors moved out (read by tests)
+
+        def pack(tensor: torch.Tensor):
+            if tensor.numel() < min_elements or tensor.untyped_storage().data_ptr() in weights:
+                return tensor
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+            host.copy_(tensor, non_blocking=tensor.is_cuda)
+            self.offloaded.append(tuple(tensor.shape))
+            return tensor.device, host
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            device, host = packed
+            return host.to(device, non_blocking=host.is_pinned())
+
+        super().__init__(pack, unpack)
+
+
+def activation_offload(config: RunConfig, model: torch.nn.Module, device: torch.device):
+    """The context a training forward runs in: ActivationOffload with train.grad_checkpointing offload
+    on a GPU; nothing otherwise (on the CPU the tensors are in CPU memory already)."""
+    if config.train.grad_checkpointing == "offload" and device.type == "cuda":
+        return ActivationOffload(model)
+    return contextlib.nullcontext()
+
+
+def resolve_compile(config: RunConfig, device: torch.device, sharded: bool, processes: int = 1) -> bool:
+    """Whether the decoder layers run through torch.compile (train.compile).
+
+    auto compiles where it was measured: one process on one GPU. DDP and device_map launches can
+    ask for it (train.compile true); FSDP cannot.
+    """
+    choice = config.train.compile
+    if choice == "auto":
+        return device.type == "cuda" and processes == 1 and not config.model.device_map and not sharded
+    if choice and sharded:
+        raise UserError(
+            "train.compile is true, but this is an FSDP launch, whose flat shards compiled layers are not "
+            "checked with. Use train.compile=auto (off under FSDP) or launch without FSDP."
+        )
+    return choice
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> int:
+    """torch.compile each decoder layer in place (module names, and so the saved adapter, unchanged).
+
+    The layers share one compiled graph (same code, parameters passed as inputs), so compiling
+    costs about one layer's time however deep the model. The attention kernel and the loss stay
+    outside. Generation runs eager (modules.generation), where a KV cache would recompile per step.
+    """
+    names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
+    layers = [module for module in model.modules() if type(module).__name__ in names]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def load_tokenizer(source: str):
@@ -177,6 +247,7 @@ def load_model(
     device,
     trainable_token_ids: list[int] = (),
     sharded: bool = False,
+    compiled: bool = False,
 ):
     """The frozen base (4-bit NF4 with double quantization by default) with LoRA adapters on top.
 
@@ -237,6 +308,8 @@ def load_model(
     for name, parameter in peft_model.named_parameters():
         if "trainable_tokens_delta" in name:
             parameter.data = parameter.data.float()  # AdamW on bf16 rows would round small updates away
+    if compiled:
+        compile_decoder_layers(peft_model)
     return peft_model
 
 

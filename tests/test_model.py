@@ -2,6 +2,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from conftest import build_tokenizer
+from pydantic import ValidationError
 
 from modules.config import RunConfig
 from modules.errors import UserError
@@ -12,6 +13,7 @@ from modules.model import (
     load_model,
     load_tokenizer,
     resolve_attention,
+    resolve_compile,
     resolve_precision,
 )
 
@@ -118,3 +120,128 @@ def test_plain_lora_twin_loads_without_quantization(tiny_model_dir):
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert type(q_proj.base_layer) is torch.nn.Linear
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_compile_and_offload_switches_take_true_false_or_their_word():
+    assert run_config(grad_checkpointing="offload", compile="auto").train.grad_checkpointing == "offload"
+    for key, word in (("grad_checkpointing", "offload"), ("compile", "auto")):
+        with pytest.raises(ValidationError, match=f"true, false or {word}"):
+            run_config(**{key: "sometimes"})
+
+
+def test_compile_is_on_by_default_on_a_gpu_only_and_never_under_fsdp():
+    cuda = torch.device("cuda")  # a device object; nothing runs on it
+    assert resolve_compile(run_config(), cuda, sharded=False)
+    assert not resolve_compile(run_config(), CPU, sharded=False)  # compiling on the CPU costs minutes
+    assert not resolve_compile(run_config(), cuda, sharded=True)
+    assert not resolve_compile(run_config(), cuda, sharded=False, processes=2)  # DDP: not measured compiled
+    assert resolve_compile(run_config(compile=True), cuda, sharded=False, processes=2)
+    split = RunConfig.model_validate(run_config().model_dump() | {"model": {"name_or_path": "m", "device_map": "auto"}})
+    assert not resolve_compile(split, cuda, sharded=False)
+    assert resolve_compile(run_config(compile=True), CPU, sharded=False)
+    assert not resolve_compile(run_config(compile=False), cuda, sharded=False)
+    with pytest.raises(UserError, match="FSDP"):
+        resolve_compile(run_config(compile=True), cuda, sharded=True)
+
+
+def lora_model(model_dir, compiled: bool = False, **train):
+    """The tiny 4-bit model with LoRA (no dropout) and random LoRA B, identical for every call."""
+    config = RunConfig.model_validate(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"train": "x.jsonl"},
+            "lora": {"dropout": 0.0},
+            "train": train,
+            "output_dir": "o",
+        }
+    )
+    tokenizer = load_tokenizer(str(model_dir))
+    torch.manual_seed(0)
+    model = load_model(
+        config, str(model_dir), tokenizer, Precision("no", torch.float32), "sdpa", CPU, compiled=compiled
+    )
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero, which would leave A without gradient
+            torch.nn.init.normal_(parameter, std=0.05)
+    model.train()
+    return model, tokenizer
+
+
+def packed_batches(lengths_per_batch: list[list[int]]) -> list[dict]:
+    from modules.packing import PackedCollator
+
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for lengths in lengths_per_batch:
+        samples = [torch.randint(3, 300, (n,), generator=generator).tolist() for n in lengths]
+        batches.append(PackedCollator()([[{"input_ids": ids, "labels": ids} for ids in samples]]))
+    return batches
+
+
+def loss_and_gradients(model, batch: dict, context=None):
+    import contextlib
+
+    with context or contextlib.nullcontext():
+        loss = model(**batch).loss
+    loss.backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), gradients
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_train_like_eager_ones_and_generation_stays_eager(tiny_model_dir):
+    from torch._dynamo.utils import counters
+
+    from modules.generation import GenerationSettings, reply
+    from modules.model import ActivationOffload
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, tokenizer = lora_model(tiny_model_dir, compiled=False)
+    compiled, _ = lora_model(tiny_model_dir, compiled=True)
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # so the saved adapter's keys are unchanged
+    for batch in packed_batches([[40, 25], [70, 9, 30]]):  # two token counts: the second is a new shape
+        loss, gradients = loss_and_gradients(eager, batch)
+        compiled_loss, compiled_gradients = loss_and_gradients(compiled, batch)
+        assert compiled_loss == pytest.approx(loss, rel=1e-5)
+        assert gradients.keys() == compiled_gradients.keys() and len(gradients) == 28
+        for name, gradient in gradients.items():
+            torch.testing.assert_close(compiled_gradients[name], gradient, rtol=1e-4, atol=1e-6)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the layers did run compiled, not silently eager
+
+    # A compiled layer saves its weights for backward too (the 4-bit bytes: 2,048+ elements here);
+    # offloading moves the activations (tokens in their shape) and leaves every weight in place.
+    (batch,) = packed_batches([[60, 36]])
+    _, kept = loss_and_gradients(compiled, batch)
+    offload = ActivationOffload(compiled, min_elements=1024)
+    _, offloaded = loss_and_gradients(compiled, batch, offload)
+    assert offload.offloaded and all({94, 95, 96} & set(shape) for shape in offload.offloaded)
+    for name, gradient in kept.items():
+        assert torch.equal(offloaded[name], gradient)
+
+    compiled.eval()
+    settings = GenerationSettings(max_new_tokens=4, greedy=True)
+    answer = reply(compiled, tokenizer, [{"role": "user", "content": "Is the sea wide?"}], settings)
+    assert isinstance(answer, str)
+    assert counters["stats"]["unique_graphs"] == graphs  # generating compiled nothing new
+
+
+def test_offloaded_activations_are_the_layer_inputs_and_change_no_gradient(tiny_model_dir):
+    from modules.model import ActivationOffload, activation_offload
+
+    model, _ = lora_model(tiny_model_dir, grad_checkpointing=True)
+    (batch,) = packed_batches([[60, 36]])  # 96 tokens: a size no weight of the tiny model has
+    loss, gradients = loss_and_gradients(model, batch)
+    offload = ActivationOffload(model, min_elements=96 * 64)  # hidden size 64: one layer input and up
+    offloaded_loss, offloaded_gradients = loss_and_gradients(model, batch, offload)
+    assert offloaded_loss == loss
+    for name, gradient in gradients.items():
+        assert torch.equal(offloaded_gradients[name], gradient)
+    assert len(offload.offloaded) >= 2  # at least both decoder layers' inputs
+    assert all({94, 95, 96} & set(shape) for shape in offload.offloaded)  # activations of the row, never weights
+    offload_config = run_config(grad_checkpointing="offload")
+    assert isinstance(activation_offload(offload_config, model, torch.device("cuda")), ActivationOffload)
+    assert not isinstance(activation_offload(offload_config, model, CPU), ActivationOffload)  # nothing to gain
+    assert not isinstance(activation_offload(run_config(), model, torch.device("cuda")), ActivationOffload)

@@ -1,0 +1,213 @@
+"""The longest sequence one optimizer step trains within a memory cap: our loop against Trainer.
+
+    python benchmarks/longest.py --shape llama3-8b --caps 24 80 [--who ours trainer] [--out longest.jsonl]
+
+One process per side loads the model once (the same job as bench.py: NF4 + double quantization,
+LoRA r 16 on all 7 projections, AdamW, bf16, gradient checkpointing) and trains one optimizer step
+on a single row of each length in turn, shortest first, with the GPU capped at the largest cap
+(torch.cuda.set_per_process_memory_fraction), until one runs out of memory. Each length's peak
+(torch.cuda.max_memory_allocated, the figure bench.py reports) is recorded; the answer for a cap is
+the longest length whose step finished with its peak within that cap. Ours is built by the same
+functions train.py uses (load_model, build_optimizer, PackedCollator) with train.py's defaults;
+Trainer runs its documented QLoRA recipe (bench.trainer_model) through trainer.train().
+"""
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench  # noqa: E402
+
+LENGTHS = {
+    "ours": [4096, 8192, 16384, 24576, 32768, 49152, 65536, 98304, 131072, 196608, 262144],
+    "trainer": [2048, 4096, 8192, 12288, 16384, 24576, 32768, 49152, 65536],
+}
+
+
+def ours_step(model_dir: Path, recompute: str):
+    """One optimizer step of train.py's model on one packed row of `length` random tokens."""
+    from modules.config import RunConfig
+    from modules.model import (
+        activation_offload,
+        load_model,
+        load_tokenizer,
+        resolve_attention,
+        resolve_compile,
+        resolve_precision,
+    )
+    from modules.optim import build_optimizer
+    from modules.packing import VARLEN, PackedCollator
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = RunConfig.model_validate(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"train": "unused"},
+            "train": {"grad_checkpointing": "offload" if recompute == "offload" else True},
+            "output_dir": "unused",
+        }
+    )
+    precision = resolve_precision(config, device)
+    attention = resolve_attention(config, device, precision)
+    tokenizer = load_tokenizer(str(model_dir))
+    compiled = resolve_compile(config, device, sharded=False)
+    model = load_model(config, str(model_dir), tokenizer, precision, attention, device, compiled=compiled)
+    model.train()
+    optimizer = build_optimizer(model, config.train)
+    offload = activation_offload(config, model, device)
+    collate = PackedCollator(varlen_kwargs=attention in ("flash_attention_2", VARLEN))
+    vocab = model.config.vocab_size
+
+    def step(length: int) -> None:
+        ids = torch.randint(3, vocab, (length,)).tolist()
+        batch = {
+            k: v.to(device) if torch.is_tensor(v) else v
+            for k, v in collate([[{"input_ids": ids, "labels": ids}]]).items()
+        }
+        with offload, torch.autocast(device.type, dtype=precision.compute_dtype, enabled=precision.mixed != "no"):
+            loss = model(**batch, num_items_in_batch=torch.tensor(length - 1, device=device)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def reset() -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    setup = (
+        f"train.py defaults: attention {attention}, compile {compiled}, chunked loss, grad_checkpointing {recompute}"
+    )
+    return step, reset, setup
+
+
+def trainer_step(model_dir: Path):
+    """One trainer.train() of one step on one row of `length` random tokens (Trainer's QLoRA recipe)."""
+    import datasets
+    from transformers import Trainer, TrainingArguments
+
+    model = bench.trainer_model(model_dir, gc=True)
+    vocab = model.config.vocab_size
+    scratch = tempfile.mkdtemp()
+
+    def step(length: int) -> None:
+        ids = torch.randint(3, vocab, (length,)).tolist()
+        rows = datasets.Dataset.from_dict({"input_ids": [ids], "attention_mask": [[1] * length], "labels": [ids]})
+        arguments = TrainingArguments(
+            output_dir=scratch,
+            per_device_train_batch_size=1,
+            max_steps=1,
+            learning_rate=2e-4,
+            optim="adamw_torch",
+            bf16=torch.cuda.is_available(),
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            save_strategy="no",
+            report_to=[],
+        )
+        Trainer(model=model, args=arguments, train_dataset=rows).train()
+
+    def reset() -> None:
+        model.zero_grad(set_to_none=True)
+
+    return step, reset, "Trainer: prepare_model_for_kbit_training, sdpa, gradient checkpointing"
+
+
+def probe(who: str, model_dir: Path, cap_gib: float, lengths: list[int], recompute: str) -> list[dict]:
+    gpu = torch.cuda.is_available()  # the CPU only checks that the script runs (no cap, no peak)
+    if gpu:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total))
+    step, reset, setup = ours_step(model_dir, recompute) if who == "ours" else trainer_step(model_dir)
+    results = []
+    for length in lengths:
+        if gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        try:
+            step(length)
+            if gpu:
+                torch.cuda.synchronize()
+            fits = True
+        except torch.OutOfMemoryError:
+            fits = False
+        result = {
+            "who": who,
+            "length": length,
+            "fits": fits,
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else 0.0,
+            "seconds": round(time.perf_counter() - started, 1),
+            "setup": setup,
+        }
+        print("PROBE " + json.dumps(result), flush=True)
+        results.append(result)
+        reset()
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+        if not fits:
+            break
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(bench.SHAPES), default="llama3-8b")
+    parser.add_argument("--caps", type=float, nargs="+", default=[24, 80], help="memory caps in GiB")
+    parser.add_argument("--who", nargs="+", choices=["ours", "trainer"], default=["ours", "trainer"])
+    parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "qlora-loop-bench")
+    parser.add_argument("--out", type=Path, help="append one JSON line per length tried here")
+    parser.add_argument("--ours-lengths", type=int, nargs="+", default=LENGTHS["ours"], help="tried in this order")
+    parser.add_argument(
+        "--trainer-lengths", type=int, nargs="+", default=LENGTHS["trainer"], help="tried in this order"
+    )
+    parser.add_argument(
+        "--recompute", choices=["gc", "offload"], default="gc", help="ours: train.grad_checkpointing true or offload"
+    )
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: probe one side in this process
+    args = parser.parse_args()
+    model_dir = args.model_dir / args.shape
+    if args.one:
+        lengths = args.ours_lengths if args.one == "ours" else args.trainer_lengths
+        probe(args.one, model_dir, max(args.caps), lengths, args.recompute)
+        return
+    bench.build_model(args.shape, model_dir, max(args.ours_lengths))
+    answers = {}
+    for who in args.who:  # each side in its own process: its own allocator and peak
+        done = subprocess.run([sys.executable, __file__, "--one", who, *sys.argv[1:]], capture_output=True, text=True)
+        results = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("PROBE ")]
+        if not results:
+            print(done.stderr[-6000:], file=sys.stderr)
+        for result in results:
+            print(json.dumps(result), flush=True)
+            if args.out:
+                with open(args.out, "a") as handle:
+                    handle.write(json.dumps(result | {"shape": args.shape, "caps": args.caps}) + "\n")
+        answers[who] = {
+            cap: max((r["length"] for r in results if r["fits"] and r["peak_gib"] <= cap), default=None)
+            for cap in args.caps
+        }
+    print("\n| cap GiB | " + " | ".join(f"{who} longest" for who in answers) + " | ours / Trainer |")
+    print("|---|" + "---|" * (len(answers) + 1))
+    for cap in args.caps:
+        longest = [answers[who][cap] for who in answers]
+        ratio = ""
+        if "ours" in answers and "trainer" in answers and answers["ours"][cap] and answers["trainer"][cap]:
+            ratio = f"{answers['ours'][cap] / answers['trainer'][cap]:.1f}x"
+        print(f"| {cap:g} | " + " | ".join(f"{n:,}" if n else "none" for n in longest) + f" | {ratio} |")
+    tried = {"ours": args.ours_lengths, "trainer": args.trainer_lengths}
+    print("(the lengths tried, until one did not fit: " + "; ".join(f"{who} {tried[who]}" for who in answers) + ")")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Run train.py under torch.profiler and say where an optimizer step's time goes.
+
+    python benchmarks/profile_train.py --config run.yaml --skip 3 --active 2 --out prof/
+
+The first --skip optimizer steps run unprofiled (loading, warmup, allocator growth); the next
+--active steps are recorded. Printed: the kernels and ops by GPU time, and per step the wall time
+against the time the GPU spent in kernels (the gap is the GPU waiting on the host). The Chrome
+trace goes to --out/trace.json.gz (open it in chrome://tracing or Perfetto).
+"""
+
+import argparse
+import gzip
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.profiler import ProfilerActivity, profile, schedule
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--skip", type=int, default=3, help="optimizer steps before recording (at least 1)")
+    parser.add_argument("--active", type=int, default=2, help="optimizer steps recorded")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(REPO))
+    import train
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    steps: list[float] = []
+    profiler = profile(
+        activities=activities, schedule=schedule(wait=args.skip - 1, warmup=1, active=args.active, repeat=1)
+    )
+
+    def step_done(*unused) -> None:  # every optimizer step of the run moves the profiler's schedule on
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        steps.append(time.perf_counter())
+        profiler.step()
+
+    register_optimizer_step_post_hook(step_done)
+    with profiler:
+        code = train.main(["--config", args.config])
+    if code:
+        raise SystemExit(code)
+    events = profiler.key_averages()
+    sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = events.table(sort_by=sort, row_limit=45, max_name_column_width=70)
+    (args.out / "ops.txt").write_text(table)
+    print(table)
+    trace = args.out / "trace.json"
+    profiler.export_chrome_trace(str(trace))
+    if torch.cuda.is_available():
+        recorded = steps[args.skip - 1 : args.skip + args.active]
+        wall = recorded[-1] - recorded[0]
+        kernels = sum(e["dur"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "kernel")
+        line = (
+            f"recorded {args.active} steps: wall {wall * 1e3:.0f} ms, GPU kernels {kernels / 1e3:.0f} ms "
+            f"({kernels / 1e6 / wall:.0%} busy)"
+        )
+        print(line)
+        with open(args.out / "ops.txt", "a") as handle:
+            handle.write(line + "\n")
+    with open(trace, "rb") as source, gzip.open(f"{trace}.gz", "wb") as target:
+        shutil.copyfileobj(source, target)
+    trace.unlink()
+
+
+if __name__ == "__main__":
+    main()
