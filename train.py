@@ -386,7 +386,7 @@ def check_resumable(checkpoint: Path, config: RunConfig) -> None:
             f"--resume {checkpoint}: the config differs from the checkpoint's in keys that change the run:\n  "
             + "\n  ".join(changed)
             + "\nResume with the checkpoint's values (its config.yaml), or start a new run. "
-            "log.*, eval.*, checkpoint.* and output_dir may differ."
+            "log.*, eval.*, checkpoint.*, output_dir, train.grad_checkpointing and train.compile may differ."
         )
 
 

@@ -186,7 +186,8 @@ def main() -> None:
     for who in args.who:  # each side in its own process: its own allocator and peak
         done = subprocess.run([sys.executable, __file__, "--one", who, *sys.argv[1:]], capture_output=True, text=True)
         results = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("PROBE ")]
-        if not results:
+        if done.returncode != 0:  # e.g. killed while trying a length: say so, with the reason seen
+            print(f"{who}: the probe exited {done.returncode} after {len(results)} length(s):", file=sys.stderr)
             print(done.stderr[-6000:], file=sys.stderr)
         for result in results:
             print(json.dumps(result), flush=True)

@@ -246,7 +246,17 @@ def load_config(path: Path, overrides: list[str]) -> RunConfig:
 
 
 # Keys that do not change what a run computes: a resumed run may differ from its checkpoint in these.
-HARMLESS_ON_RESUME = ("log.", "eval.", "checkpoint.", "output_dir", "data.cache")
+# Recompute, offload and compiling are how memory and time are spent (a run that ran out of memory
+# can resume with offload); a checkpoint written before a key existed reads as differing in it.
+HARMLESS_ON_RESUME = (
+    "log.",
+    "eval.",
+    "checkpoint.",
+    "output_dir",
+    "data.cache",
+    "train.grad_checkpointing",
+    "train.compile",
+)
 
 
 def run_changing_differences(before: dict, after: dict, prefix: str = "") -> list[str]:
