@@ -10,6 +10,7 @@ and the LoRA weights themselves are kept in fp32 by PEFT (`autocast_adapter_dtyp
 import contextlib
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -99,7 +100,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, model: torch.nn.Module, min_elements: int = 2**14):
         weights = {tensor.untyped_storage().data_ptr() for tensor in [*model.parameters(), *model.buffers()]}
-        self.offloaded: list[tuple[int, ...]] = []  # shapes of the tensors moved out (read by tests)
+        self.offloaded: list[tuple[int, ...]] = []  # shapes moved out in the latest forward (read by tests)
 
         def pack(tensor: torch.Tensor):
             if tensor.numel() < min_elements or tensor.untyped_storage().data_ptr() in weights:
@@ -116,6 +117,10 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
             return host.to(device, non_blocking=host.is_pinned())
 
         super().__init__(pack, unpack)
+
+    def __enter__(self):
+        self.offloaded.clear()  # one forward's worth, not the whole run's
+        return super().__enter__()
 
 
 def activation_offload(config: RunConfig, model: torch.nn.Module, device: torch.device):
@@ -152,6 +157,10 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
     """
     names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
     layers = [module for module in model.modules() if type(module).__name__ in names]
+    if not layers:
+        name = type(model.get_base_model()).__name__
+        message = f"train.compile: no decoder layers found in {name} (its _no_split_modules): it trains uncompiled"
+        warnings.warn(message, stacklevel=2)
     for layer in layers:
         layer.compile()
     return len(layers)

@@ -245,3 +245,13 @@ def test_offloaded_activations_are_the_layer_inputs_and_change_no_gradient(tiny_
     assert isinstance(activation_offload(offload_config, model, torch.device("cuda")), ActivationOffload)
     assert not isinstance(activation_offload(offload_config, model, CPU), ActivationOffload)  # nothing to gain
     assert not isinstance(activation_offload(run_config(), model, torch.device("cuda")), ActivationOffload)
+
+
+def test_compile_says_so_when_it_finds_no_decoder_layer(tiny_model_dir):
+    from modules.model import compile_decoder_layers
+
+    model, _ = lora_model(tiny_model_dir)
+    model.get_base_model()._no_split_modules = []  # as an architecture that names none
+    with pytest.warns(UserWarning, match="no decoder layers found in LlamaForCausalLM"):
+        assert compile_decoder_layers(model) == 0
+    assert all(getattr(module, "_compiled_call_impl", None) is None for module in model.modules())
