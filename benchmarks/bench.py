@@ -208,7 +208,7 @@ def run_ours(spec: dict, args, data: Path) -> dict:
             folder = args.profile / spec["name"].replace(":", "-")
             script = REPO / "benchmarks" / "profile_train.py"
             command = [sys.executable, str(script), "--config", str(config_path), "--out", str(folder)]
-            command += ["--skip", str(args.warmup), "--active", str(min(args.steps, 2))]
+            command += ["--skip", str(max(args.warmup, 1)), "--active", str(min(args.steps, 2))]
         done = subprocess.run(command, capture_output=True, text=True)
         if args.profile:
             print(done.stdout[-12000:], file=sys.stderr)

@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--active", type=int, default=2, help="optimizer steps recorded")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.skip < 1:
+        parser.error("--skip must be at least 1: the step before the recorded ones is the profiler's warmup")
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
     import train

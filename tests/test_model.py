@@ -1,3 +1,5 @@
+import contextlib
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -179,8 +181,6 @@ def packed_batches(lengths_per_batch: list[list[int]]) -> list[dict]:
 
 
 def loss_and_gradients(model, batch: dict, context=None):
-    import contextlib
-
     with context or contextlib.nullcontext():
         loss = model(**batch).loss
     loss.backward()
