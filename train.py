@@ -371,6 +371,9 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         finish_wandb(wandb_run, run_summary, adapter_dir, config.log.wandb.log_adapter)
         print_summary(run_summary, stop_reason, output_dir, adapter_dir, report)
     metrics.close()
+    # Every process tears the process group down together: a gloo rank that destroyed it while the
+    # main process was still writing the adapter once hung in the group's destructor (CI, 2 CPU ranks).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(
         model=peft_model, tokenizer=tokenizer, output_dir=output_dir, losses=losses, stopped_by=stop.signum

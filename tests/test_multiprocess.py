@@ -1,11 +1,13 @@
 """Two real CPU processes over gloo, launched the way that connects them (see README)."""
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, chat_row, write_config, write_jsonl
@@ -41,6 +43,19 @@ def launch_two_cpu_ranks(*args: str) -> subprocess.CompletedProcess:
     return run_process_group(command, env)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children first."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(child) for child in (task / "children").read_text().split()]
+                found += children
+                frontier += children
+    return found
+
+
 def run_process_group(command: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a multi-process launch in its own process group, so a hang takes every rank down with it."""
     launch = subprocess.Popen(
@@ -49,7 +64,11 @@ def run_process_group(command: list[str], env: dict, timeout: int = 300) -> subp
     try:
         stdout, stderr = launch.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        ranks = descendants(launch.pid)  # torchrun starts each rank in a session of its own
         os.killpg(launch.pid, signal.SIGKILL)
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         stdout, stderr = launch.communicate()
         pytest.fail(f"the launch hung for {timeout} s:\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(command, launch.returncode, stdout, stderr)
