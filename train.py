@@ -371,9 +371,13 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         finish_wandb(wandb_run, run_summary, adapter_dir, config.log.wandb.log_adapter)
         print_summary(run_summary, stop_reason, output_dir, adapter_dir, report)
     metrics.close()
-    # Every process tears the process group down together: a gloo rank that destroyed it while the
-    # main process was still writing the adapter once hung in the group's destructor (CI, 2 CPU ranks).
+    # Data parallel ends in one order: every process here, the DDP wrapper freed, then the group.
+    # The wrapper's C++ Reducer holds the group and is freed holding the GIL; were it the group's last
+    # owner, gloo's destructor would wait for a worker thread that needs the GIL to free a finished
+    # collective's tensor, and the process would hang there (seen on 2 CPU ranks in CI).
     accelerator.wait_for_everyone()
+    del model, offload
+    accelerator.free_memory()
     accelerator.end_training()
     return TrainResult(
         model=peft_model, tokenizer=tokenizer, output_dir=output_dir, losses=losses, stopped_by=stop.signum

@@ -13,6 +13,7 @@ every rank ended with the same trainable weights, and OUT/adapter the saved adap
 in DistributedDataParallel instead of FSDP, as train.py's data-parallel launches do.
 """
 
+import gc
 import json
 import os
 import sys
@@ -141,7 +142,10 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
             "compared_tensors": len(mine),
         }
         (out / "result.json").write_text(json.dumps(result))
-    if distributed:
+    if distributed:  # the wrapper before the group, as train.py does (see modules/distributed.py)
+        dist.barrier()
+        del model, step
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,6 +57,18 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def stack_dump(pid: int) -> str:
+    """The Python and native stacks of a live process (py-spy, a dev dependency), or why there are none."""
+    py_spy = shutil.which("py-spy", path=Path(sys.executable).parent) or "py-spy"  # the venv's, when not on PATH
+    try:
+        dump = subprocess.run(
+            [py_spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"process {pid}: no stacks ({error})"
+    return dump.stdout or dump.stderr
+
+
 def run_process_group(command: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a multi-process launch in its own process group, so a hang takes every rank down with it."""
     launch = subprocess.Popen(
@@ -65,12 +78,13 @@ def run_process_group(command: list[str], env: dict, timeout: int = 300) -> subp
         stdout, stderr = launch.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         ranks = descendants(launch.pid)  # torchrun starts each rank in a session of its own
+        stacks = "\n".join(stack_dump(pid) for pid in ranks)  # where each rank hung, for the failure
         os.killpg(launch.pid, signal.SIGKILL)
         for pid in ranks:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         stdout, stderr = launch.communicate()
-        pytest.fail(f"the launch hung for {timeout} s:\n{stderr[-3000:]}")
+        pytest.fail(f"the launch hung for {timeout} s:\n{stderr[-3000:]}\n{stacks}")
     return subprocess.CompletedProcess(command, launch.returncode, stdout, stderr)
 
 
