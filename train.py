@@ -48,8 +48,13 @@ from modules.evaluate import evaluate
 from modules.generation import SampleWriter
 from modules.loss import CHUNK_TOKENS, SUPPORTED
 from modules.model import (
+    RECOMPUTE_LADDER,
+    RECOMPUTE_WORDS,
+    RecomputeChoice,
     activation_offload,
+    choose_recompute,
     count_4bit_linears,
+    heaviest_batch,
     inspect_model,
     load_model,
     load_tokenizer,
@@ -57,6 +62,8 @@ from modules.model import (
     resolve_attention,
     resolve_compile,
     resolve_precision,
+    resolve_recompute,
+    set_recompute,
 )
 from modules.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from modules.packing import VARLEN, PackedCollator, real_tokens
@@ -116,7 +123,7 @@ class TrainResult:
 
 OOM_ADVICE = (
     "out of GPU memory. Lower it with: train.micro_batch_size (and raise train.grad_accum_steps to keep the "
-    "effective batch), data.max_seq_len, train.grad_checkpointing=true, or a smaller model. ({error})"
+    "effective batch), data.max_seq_len, train.grad_checkpointing=true or offload, or a smaller model. ({error})"
 )
 
 
@@ -194,19 +201,23 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     spread = placement(model)  # device_map auto: which GPU holds which modules
     resized_embeddings = len(tokenizer) > summary.vocab_size  # PEFT then saves the embeddings with the adapter
+    if config.data.packing:  # varlen kernels take the sample boundaries; sdpa/eager read them from position_ids
+        collate = PackedCollator(varlen_kwargs=attention in ("flash_attention_2", VARLEN))
+    else:
+        collate = PaddingCollator(tokenizer.pad_token_id)
+    # FSDP's loading peak is the whole 4-bit model before sharding; others' is read before any probe step.
+    loading_memory = None if sharded else memory_after_loading(accelerator.device)
+    recompute = decide_recompute(config, accelerator, model, train_set, collate, precision, sharded, trainable)
     if sharded:
         configure_fsdp(accelerator, model, precision.compute_dtype)
     matrices = {canonical_name(name) for name, p in model.named_parameters() if p.requires_grad and p.ndim >= 2}
     # The model first: FSDP replaces its weights by flat shards, which the optimizer must be built on.
     model = accelerator.prepare(model)
-    loading_memory = memory_after_loading(accelerator.device)  # and restarts the peak count for training
+    if sharded:
+        loading_memory = memory_after_loading(accelerator.device)  # and restarts the peak count for training
     optimizer = build_optimizer(model, config.train, matrices)
     # Not prepared: accelerate would step it once per process; we count optimizer steps globally.
     scheduler = build_scheduler(optimizer, warmup_steps, total_steps, config.train.min_lr_ratio)
-    if config.data.packing:  # varlen kernels take the sample boundaries; sdpa/eager read them from position_ids
-        collate = PackedCollator(varlen_kwargs=attention in ("flash_attention_2", VARLEN))
-    else:
-        collate = PaddingCollator(tokenizer.pad_token_id)
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=config.train.micro_batch_size,
@@ -226,7 +237,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     writes_samples = accelerator.is_main_process and not sharded
     samples = SampleWriter(output_dir / "samples.jsonl", config.eval, enabled=writes_samples)
     if accelerator.is_main_process:
-        loaded = (trainable, count_4bit_linears(model), loading_memory, spread)
+        loaded = (trainable, count_4bit_linears(model), loading_memory, spread, recompute)
         print_plan(*plan, loaded=loaded, resumed_from=resume_from)
     stop = StopSignal()
 
@@ -235,7 +246,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     batches = endless(accelerator, loader, progress.micro_step)
     bar = progress_bar(total_steps, progress.optimizer_step, enabled=accelerator.is_main_process)
     window = LogWindow(accelerator.device)
-    offload = activation_offload(config, model, accelerator.device)  # train.grad_checkpointing offload
+    offload = activation_offload(recompute.mode, model, accelerator.device)  # train.grad_checkpointing offload
     skipped_in_row, losses, stop_reason, run_start = 0, [], None, time.perf_counter()
     while progress.optimizer_step < total_steps and stop_reason is None:
         # Fetch the whole step first: the loss is normalised by the label tokens of all of its
@@ -443,7 +454,7 @@ def print_plan(
     mean_row = audit.tokens / max(audit.rows_kept, 1)
     tokens_per_row = audit.tokens / audit.packed_rows if audit.packed_rows else mean_row
     if loaded is not None:
-        trainable, linears, loading_memory, spread = loaded
+        trainable, linears, loading_memory, spread, _ = loaded
         params = f"{summary.total_params:,} total, {trainable:,} trainable ({trainable / summary.total_params:.2%})"
         quantized = f"{linears} linear layers in 4-bit" if config.quant.load_in_4bit else "none"
     else:
@@ -452,11 +463,7 @@ def print_plan(
     quant = config.quant
     compiled = resolve_compile(config, state.device, fsdp_launch(), state.num_processes)
     compiling = "on (decoder layers; the first steps compile)" if compiled else "off"
-    recompute = {True: "on", False: "off", "offload": "on, layer inputs offloaded to pinned CPU memory"}[
-        train.grad_checkpointing
-    ]
-    if train.grad_checkpointing == "offload" and state.device.type != "cuda":
-        recompute = "on (offload asked, but on the CPU there is nothing to offload)"
+    recompute = recompute_line(config, state, loaded[4] if loaded is not None else None)
     rows = [
         ("model", config.model.name_or_path),
         ("parameters", params),
@@ -495,6 +502,39 @@ def print_plan(
         rows.append(("resumed from", f"{resumed_from} (step {RunProgress.read(resumed_from).optimizer_step})"))
     print_audit(audit)
     print("Plan:\n" + format_plan(rows), flush=True)
+
+
+def recompute_line(config: RunConfig, state, choice: RecomputeChoice | None) -> str:
+    """The plan's word on gradient checkpointing: as chosen, or (a dry run) as it will be chosen."""
+    choice = choice or resolve_recompute(config, state.device, fsdp_launch())
+    if choice is None:
+        return "auto (one probe step after loading picks off, on or offload)"
+    words = RECOMPUTE_WORDS[choice.mode]
+    if choice.mode == "offload" and state.device.type != "cuda":
+        words = "on (offload asked, but on the CPU there is nothing to offload)"
+    return f"{words} ({choice.why})" if choice.why else words
+
+
+def decide_recompute(config, accelerator, model, train_set, collate, precision, sharded, trainable) -> RecomputeChoice:
+    """train.grad_checkpointing resolved. auto on GPUs probes the run's heaviest micro-batch; under
+    DDP every process then takes the leanest choice any of them needed, so all recompute alike."""
+    resolved = resolve_recompute(config, accelerator.device, sharded)
+    if resolved is not None:
+        return resolved
+    batch = heaviest_batch(train_set, collate, config.train.micro_batch_size)
+    if accelerator.is_main_process:
+        tokens = batch["input_ids"].numel()
+        print(f"train.grad_checkpointing auto: probing a step of the heaviest micro-batch ({tokens:,} tokens)")
+    choice = choose_recompute(model, batch, precision, accelerator.device, trainable)
+    if accelerator.num_processes > 1:
+        mine = torch.tensor([RECOMPUTE_LADDER.index(choice.mode)], device=accelerator.device)
+        leanest = RECOMPUTE_LADDER[int(accelerator.gather(mine).max())]
+        if leanest != choice.mode:
+            set_recompute(model, leanest)
+            choice = RecomputeChoice(
+                leanest, f"auto: another process needed it; here {choice.why.removeprefix('auto: ')}"
+            )
+    return choice
 
 
 def loss_line(config: RunConfig, summary) -> str:

@@ -5,7 +5,8 @@
 
 A run is WHO:BATCH:RECOMPUTE[:FLAG...], WHO being `trainer` or `ours`, BATCH rows of --seq-len
 tokens per optimizer step (micro-batch, no accumulation), RECOMPUTE `gc` (gradient checkpointing),
-`offload` (ours only: checkpointing with the layer inputs in CPU memory) or `nogc`. Flags: `liger`
+`offload` (ours only: checkpointing with the layer inputs in CPU memory), `auto` (ours only: a probe
+step picks, train.grad_checkpointing auto; the plan's precision row says what) or `nogc`. Flags: `liger`
 adds liger-kernel to Trainer (use_liger_kernel=True); `fullce` turns our chunked cross-entropy off
 (train.chunked_loss false); `eager` turns our compiled decoder layers off (train.compile false).
 Our runs may name a launch: `ddpN` (N processes, accelerate_configs/multi_gpu.yaml), `fsdpN`
@@ -192,7 +193,7 @@ def run_ours(spec: dict, args, data: Path) -> dict:
                 "max_steps": args.warmup + args.steps,
                 "lr": 2e-4,
                 "warmup_steps": 1,
-                "grad_checkpointing": "offload" if spec["offload"] else spec["gc"],
+                "grad_checkpointing": {"gc": True, "nogc": False}.get(spec["recompute"], spec["recompute"]),
                 "chunked_loss": spec["chunked_loss"],
                 **({"compile": False} if spec["eager"] else {}),  # else train.py's default: compiled on a GPU
             },
@@ -216,7 +217,11 @@ def run_ours(spec: dict, args, data: Path) -> dict:
             print(done.stderr[-6000:], file=sys.stderr)
             return {"error": f"train.py exited {done.returncode}"}
         recompiles = sum("Recompiling function" in line for line in done.stderr.splitlines())  # TORCH_LOGS=recompiles
-        plan = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith(("memory", "placement"))]
+        plan = [
+            line.strip()
+            for line in done.stdout.splitlines()
+            if line.strip().startswith(("memory", "placement", "precision"))
+        ]
         records = [json.loads(line) for line in (Path(scratch) / "run" / "metrics.jsonl").read_text().splitlines()]
         adapter = adapter_tensors(Path(scratch) / "run" / "adapter")
     measured = [r for r in records if "loss" in r and r["step"] > args.warmup]
@@ -229,7 +234,7 @@ def run_ours(spec: dict, args, data: Path) -> dict:
         "final_loss": measured[-1]["loss"],
         "adapter_tensors": adapter,
         "recompiles": recompiles,
-        "plan": plan,  # memory held after loading and the loading peak; placement under device_map
+        "plan": plan,  # memory held after loading, the loading peak, what auto chose; placement under device_map
     }
 
 
@@ -361,17 +366,20 @@ def parse_spec(text: str) -> dict:
     flags = set(extra) - {match.group(0) for match in launches}
     if (
         who not in ("ours", "trainer")
-        or recompute not in ("gc", "nogc", "offload")
+        or recompute not in ("gc", "nogc", "offload", "auto")
+        or (who == "trainer" and recompute in ("offload", "auto"))
         or flags - {"liger", "fullce", "eager"}
     ):
-        raise SystemExit(f"bad run {text!r}: WHO:BATCH:gc|nogc|offload[:liger|:fullce|:eager][:ddpN|:fsdpN|:split]")
+        raise SystemExit(
+            f"bad run {text!r}: WHO:BATCH:gc|nogc|offload|auto[:liger|:fullce|:eager][:ddpN|:fsdpN|:split]"
+        )
     kind, processes = (launches[0].group(1), int(launches[0].group(2) or 1)) if launches else (None, 1)
     return {
         "name": text,
         "who": who,
         "batch": int(batch),
-        "gc": recompute != "nogc",
-        "offload": recompute == "offload",
+        "recompute": recompute,
+        "gc": recompute != "nogc",  # Trainer's switch
         "liger": "liger" in flags,
         "chunked_loss": "fullce" not in flags,
         "eager": "eager" in flags,

@@ -65,7 +65,7 @@ def ours_step(model_dir: Path, recompute: str):
     model = load_model(config, str(model_dir), tokenizer, precision, attention, device, compiled=compiled)
     model.train()
     optimizer = build_optimizer(model, config.train)
-    offload = activation_offload(config, model, device)
+    offload = activation_offload(config.train.grad_checkpointing, model, device)
     collate = PackedCollator(varlen_kwargs=attention in ("flash_attention_2", VARLEN))
     vocab = model.config.vocab_size
 

@@ -133,10 +133,12 @@ class TrainConfig(Section):
         None, ge=0, lt=1, description="Warmup as a fraction of all steps; with neither warmup key set, 0.03."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (the norm is logged).")
-    grad_checkpointing: Literal["offload"] | bool = Field(
-        True,
+    grad_checkpointing: Literal["auto", "offload"] | bool = Field(
+        "auto",
         description="Recompute activations in backward (non-reentrant). offload: also keep what the recompute starts "
-        "from (each layer's input) in pinned CPU memory, for long sequences (on a GPU; slower per token).",
+        "from (each layer's input) in pinned CPU memory, for long sequences (on a GPU; slower per token). auto, on "
+        "one GPU per process: one probe step on the heaviest micro-batch for off, then true, then offload, keeping "
+        "the first within 90% of the GPU's memory; true on the CPU, under FSDP and under device_map.",
     )
     compile: Literal["auto"] | bool = Field(
         "auto",
@@ -165,10 +167,11 @@ class TrainConfig(Section):
     @field_validator("grad_checkpointing", "compile", mode="before")
     @classmethod
     def _switch_or_word(cls, value, info):
-        word = {"grad_checkpointing": "offload", "compile": "auto"}[info.field_name]
-        if isinstance(value, bool) or value == word:
+        words = {"grad_checkpointing": ("auto", "offload"), "compile": ("auto",)}[info.field_name]
+        if isinstance(value, bool) or value in words:
             return value
-        raise ValueError(f"true, false or {word}")
+        *first, last = ("true", "false", *words)
+        raise ValueError(f"{', '.join(first)} or {last}")
 
 
 class CheckpointConfig(Section):

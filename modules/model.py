@@ -18,9 +18,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from modules.config import RunConfig
+from modules.data import IGNORE_INDEX
 from modules.errors import UserError
+from modules.packing import PackedDataset
 
 MixedPrecision = Literal["bf16", "fp16", "no"]
+Recompute = Literal["offload"] | bool  # train.grad_checkpointing once resolved
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
@@ -123,12 +126,132 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         return super().__enter__()
 
 
-def activation_offload(config: RunConfig, model: torch.nn.Module, device: torch.device):
+def activation_offload(recompute: Recompute, model: torch.nn.Module, device: torch.device):
     """The context a training forward runs in: ActivationOffload with train.grad_checkpointing offload
     on a GPU; nothing otherwise (on the CPU the tensors are in CPU memory already)."""
-    if config.train.grad_checkpointing == "offload" and device.type == "cuda":
+    if recompute == "offload" and device.type == "cuda":
         return ActivationOffload(model)
     return contextlib.nullcontext()
+
+
+# train.grad_checkpointing auto tries these in order and keeps the first whose step fits the GPU:
+# fastest first (no recompute), leanest last (recompute, layer inputs in CPU memory).
+RECOMPUTE_LADDER: tuple[Recompute, ...] = (False, True, "offload")
+RECOMPUTE_WORDS = {False: "off", True: "on", "offload": "on, layer inputs offloaded to pinned CPU memory"}
+MEMORY_HEADROOM = 0.9  # of the GPU: the caching allocator's slack, evaluation, generation
+BYTES_AFTER_PROBE = 12  # per trainable parameter: AdamW's two fp32 moments, DDP's gradient buckets
+
+
+@dataclass(frozen=True)
+class RecomputeChoice:
+    mode: Recompute  # what train.grad_checkpointing resolves to
+    why: str  # for the plan: how it was chosen
+
+
+def resolve_recompute(config: RunConfig, device: torch.device, sharded: bool) -> RecomputeChoice | None:
+    """train.grad_checkpointing as set, or None where auto measures: one GPU per process.
+
+    auto keeps checkpointing on where there is no GPU memory to budget (the CPU) and where one
+    process's peak is not one step's on one whole GPU: FSDP and device_map auto.
+    """
+    choice = config.train.grad_checkpointing
+    if choice != "auto":
+        return RecomputeChoice(choice, "")
+    if device.type != "cuda":
+        return RecomputeChoice(True, "auto: on the CPU")
+    if sharded or config.model.device_map:
+        return RecomputeChoice(True, f"auto: under {'FSDP' if sharded else 'device_map'}")
+    return None
+
+
+def set_recompute(model: torch.nn.Module, mode: Recompute) -> None:
+    """Gradient checkpointing (non-reentrant) on or off on the PEFT model's base."""
+    base = model.get_base_model()
+    if mode:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif base.is_gradient_checkpointing:
+        base.gradient_checkpointing_disable()
+
+
+def heaviest_batch(dataset, collate, rows: int) -> dict[str, torch.Tensor]:
+    """The micro-batch of the `rows` rows (packed bins or samples) holding the most tokens."""
+    if isinstance(dataset, PackedDataset):
+        sizes = [sum(dataset.lengths[i] for i in bin_) for bin_ in dataset.bins]
+    else:
+        sizes = list(dataset["length"])
+    heaviest = sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)[:rows]
+    return collate([dataset[i] for i in heaviest])
+
+
+def probe_step(model, batch: dict, mode: Recompute, precision: Precision, device: torch.device) -> int | None:
+    """The peak GPU memory (bytes reserved) of one forward and backward of `batch` with recompute
+    `mode`, or None when it ran out of memory. Leaves no gradients and the RNG states as they were;
+    on the CPU, where memory is not counted, the peak reads 0."""
+    set_recompute(model, mode)
+    was_training = model.training
+    model.train()  # as the run will: checkpointing and dropout act in training mode only
+    batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    label_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    autocast = torch.autocast(device.type, dtype=precision.compute_dtype, enabled=precision.mixed != "no")
+    ran_out = False
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        try:
+            with autocast, activation_offload(mode, model, device):
+                loss = model(**batch, num_items_in_batch=label_tokens).loss
+            loss.backward()
+        except torch.OutOfMemoryError:
+            ran_out = True  # the traceback, which holds the step's tensors, goes with this block
+    loss = None
+    model.train(was_training)
+    model.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_reserved(device) if cuda else 0
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return None if ran_out else peak
+
+
+def gpu_budget(device: torch.device) -> int:
+    """Bytes this process may hold on its GPU: what is free plus what it holds already, under any
+    torch.cuda.set_per_process_memory_fraction cap."""
+    free, total = torch.cuda.mem_get_info(device)
+    capacity = free + torch.cuda.memory_reserved(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)  # absent from older torch
+    return min(capacity, int(total * fraction))
+
+
+def climb_recompute(probe, extra: int, budget: int) -> RecomputeChoice:
+    """Walk RECOMPUTE_LADDER with `probe(mode) -> peak bytes or None` until a step fits the budget.
+
+    The offloaded step is taken even when its probe did not fit: nothing leaner is left, and the
+    run's own out-of-memory message says what to lower.
+    """
+    limit = MEMORY_HEADROOM * budget
+    tried = []
+    for mode in RECOMPUTE_LADDER:
+        peak = probe(mode)
+        if peak is not None and peak + extra <= limit:
+            fit = f"a step peaked at {peak / 2**30:.1f} GiB"
+            return RecomputeChoice(mode, f"auto: {fit}, within {MEMORY_HEADROOM:.0%} of {budget / 2**30:.1f} GiB")
+        tried.append(
+            f"{RECOMPUTE_WORDS[mode].split(',')[0]}: "
+            + ("out of memory" if peak is None else f"{peak / 2**30:.1f} GiB")
+        )
+    return RecomputeChoice("offload", f"auto: nothing fit {budget / 2**30:.1f} GiB ({'; '.join(tried)})")
+
+
+def choose_recompute(model, batch: dict, precision: Precision, device: torch.device, trainable: int):
+    """train.grad_checkpointing auto on one GPU: probe the run's heaviest micro-batch, fastest first."""
+    budget = gpu_budget(device)
+    choice = climb_recompute(
+        lambda mode: probe_step(model, batch, mode, precision, device), BYTES_AFTER_PROBE * trainable, budget
+    )
+    set_recompute(model, choice.mode)
+    return choice
 
 
 def resolve_compile(config: RunConfig, device: torch.device, sharded: bool, processes: int = 1) -> bool:
@@ -300,7 +423,8 @@ def load_model(
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if config.train.chunked_loss and supports_chunked_loss(model.config):
         use_chunked_loss(model)
-    if config.train.grad_checkpointing:
+    resolved = resolve_recompute(config, torch.device(device), sharded)  # None: auto, probed after loading
+    if resolved is not None and resolved.mode:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
         r=config.lora.r,

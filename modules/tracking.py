@@ -217,10 +217,11 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def memory_after_loading(device: torch.device) -> str | None:
-    """What the prepared model holds on this GPU and the peak while loading; then the peak count restarts.
+    """What the loaded model holds on this GPU and the peak while loading; then the peak count restarts.
 
-    Under FSDP each process first loads the whole 4-bit model and then keeps only its shard, so the
-    loading peak is not the training peak that metrics.jsonl reports.
+    Read before any probe step (train.grad_checkpointing auto), or under FSDP once prepared: each
+    process first loads the whole 4-bit model and then keeps only its shard, so the loading peak is
+    not the training peak that metrics.jsonl reports.
     """
     if device.type != "cuda":
         return None

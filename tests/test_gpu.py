@@ -94,3 +94,34 @@ def test_offloaded_checkpointing_trains_exactly_like_plain_checkpointing(tmp_pat
         runs[recompute] = [record["loss"] for record in read_metrics(output) if "loss" in record]
     assert "layer inputs offloaded to pinned CPU memory" in result.stdout
     assert runs["offload"] == pytest.approx(runs[True], rel=1e-5)  # the copies are exact
+
+
+def test_auto_recompute_probes_one_step_and_trains_without_checkpointing_where_it_fits(
+    tmp_path, tiny_model_dir, chat_file
+):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "run")
+    result = run_cli("--config", str(config))  # train.grad_checkpointing auto, the default
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(next(line for line in result.stdout.splitlines() if "grad checkpointing" in line))  # for the record
+    assert "grad checkpointing off (auto: a step peaked at" in result.stdout
+    records = read_metrics(tmp_path / "run")
+    assert records[-1]["loss"] < 0.7 * records[0]["loss"]
+
+
+def test_each_rung_of_the_recompute_ladder_needs_less_memory_on_long_rows(tiny_model_dir):
+    from modules.config import RunConfig
+    from modules.model import Precision, load_model, load_tokenizer, probe_step
+
+    config = RunConfig.model_validate(
+        {"model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": "x.jsonl"}, "output_dir": "o"}
+    )
+    cuda = torch.device("cuda")
+    precision = Precision("bf16", torch.bfloat16)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_model(config, str(tiny_model_dir), tokenizer, precision, "sdpa", cuda)
+    ids = torch.randint(3, 300, (4, 4096))  # whole rows: causal attention, no mask to dominate the peak
+    batch = {"input_ids": ids, "labels": ids}
+    peaks = {mode: probe_step(model, batch, mode, precision, cuda) for mode in (False, True, "offload")}
+    print({mode: f"{peak / 2**20:.0f} MiB" for mode, peak in peaks.items()})  # for the record (pytest -s)
+    assert peaks[False] > peaks[True] >= peaks["offload"] > 0, peaks
+    assert all(p.grad is None for p in model.parameters())

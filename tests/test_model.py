@@ -126,8 +126,9 @@ def test_plain_lora_twin_loads_without_quantization(tiny_model_dir):
 
 def test_compile_and_offload_switches_take_true_false_or_their_word():
     assert run_config(grad_checkpointing="offload", compile="auto").train.grad_checkpointing == "offload"
-    for key, word in (("grad_checkpointing", "offload"), ("compile", "auto")):
-        with pytest.raises(ValidationError, match=f"true, false or {word}"):
+    assert run_config().train.grad_checkpointing == "auto"
+    for key, words in (("grad_checkpointing", "true, false, auto or offload"), ("compile", "true, false or auto")):
+        with pytest.raises(ValidationError, match=words):
             run_config(**{key: "sometimes"})
 
 
@@ -146,13 +147,13 @@ def test_compile_is_on_by_default_on_a_gpu_only_and_never_under_fsdp():
         resolve_compile(run_config(compile=True), cuda, sharded=True)
 
 
-def lora_model(model_dir, compiled: bool = False, **train):
-    """The tiny 4-bit model with LoRA (no dropout) and random LoRA B, identical for every call."""
+def lora_model(model_dir, compiled: bool = False, dropout: float = 0.0, **train):
+    """The tiny 4-bit model with LoRA (no dropout unless asked) and random LoRA B, identical for every call."""
     config = RunConfig.model_validate(
         {
             "model": {"name_or_path": str(model_dir)},
             "data": {"train": "x.jsonl"},
-            "lora": {"dropout": 0.0},
+            "lora": {"dropout": dropout},
             "train": train,
             "output_dir": "o",
         }
@@ -241,10 +242,9 @@ def test_offloaded_activations_are_the_layer_inputs_and_change_no_gradient(tiny_
         assert torch.equal(offloaded_gradients[name], gradient)
     assert len(offload.offloaded) >= 2  # at least both decoder layers' inputs
     assert all({94, 95, 96} & set(shape) for shape in offload.offloaded)  # activations of the row, never weights
-    offload_config = run_config(grad_checkpointing="offload")
-    assert isinstance(activation_offload(offload_config, model, torch.device("cuda")), ActivationOffload)
-    assert not isinstance(activation_offload(offload_config, model, CPU), ActivationOffload)  # nothing to gain
-    assert not isinstance(activation_offload(run_config(), model, torch.device("cuda")), ActivationOffload)
+    assert isinstance(activation_offload("offload", model, torch.device("cuda")), ActivationOffload)
+    assert not isinstance(activation_offload("offload", model, CPU), ActivationOffload)  # nothing to gain
+    assert not isinstance(activation_offload(True, model, torch.device("cuda")), ActivationOffload)
 
 
 def test_compile_says_so_when_it_finds_no_decoder_layer(tiny_model_dir):
@@ -255,3 +255,88 @@ def test_compile_says_so_when_it_finds_no_decoder_layer(tiny_model_dir):
     with pytest.warns(UserWarning, match="no decoder layers found in LlamaForCausalLM"):
         assert compile_decoder_layers(model) == 0
     assert all(getattr(module, "_compiled_call_impl", None) is None for module in model.modules())
+
+
+def test_auto_recompute_is_measured_only_where_one_step_fills_one_whole_gpu():
+    from modules.model import resolve_recompute
+
+    cuda = torch.device("cuda")  # a device object; nothing runs on it
+    assert resolve_recompute(run_config(), cuda, sharded=False) is None  # probed after loading
+    assert resolve_recompute(run_config(), CPU, sharded=False).mode is True
+    assert resolve_recompute(run_config(), cuda, sharded=True).why == "auto: under FSDP"
+    spread = RunConfig.model_validate(
+        {"model": {"name_or_path": "m", "device_map": "auto"}, "data": {"train": "x.jsonl"}, "output_dir": "o"}
+    )
+    assert resolve_recompute(spread, cuda, sharded=False).mode is True
+    for mode in (False, True, "offload"):  # a value set is kept as set, also on a GPU
+        assert resolve_recompute(run_config(grad_checkpointing=mode), cuda, sharded=False).mode == mode
+
+
+def test_auto_recompute_keeps_the_fastest_step_that_fits_and_probes_no_further():
+    from modules.model import MEMORY_HEADROOM, climb_recompute
+
+    gib = 2**30
+    budget = 80 * gib
+
+    def climb(peaks: dict, extra: int = 0):
+        probed = []
+
+        def probe(mode):
+            probed.append(mode)
+            return peaks[mode]
+
+        return climb_recompute(probe, extra, budget), probed
+
+    choice, probed = climb({False: 60 * gib, True: 10 * gib, "offload": 8 * gib})
+    assert choice.mode is False and probed == [False] and "60.0 GiB" in choice.why
+    choice, probed = climb({False: None, True: 10 * gib, "offload": 8 * gib})  # None: out of memory
+    assert choice.mode is True and probed == [False, True]
+    over = int(MEMORY_HEADROOM * budget) - 10 * gib + 1  # what the optimizer adds tips checkpointing over
+    choice, probed = climb({False: None, True: 10 * gib, "offload": 8 * gib}, extra=over)
+    assert choice.mode == "offload" and probed == [False, True, "offload"]
+    choice, _ = climb({False: None, True: None, "offload": None})
+    assert choice.mode == "offload" and "nothing fit" in choice.why and "off: out of memory" in choice.why
+
+
+def test_a_probe_step_runs_the_mode_asked_and_leaves_no_trace(tiny_model_dir):
+    from modules.model import probe_step
+
+    model, _ = lora_model(tiny_model_dir, dropout=0.1)  # auto on the CPU: checkpointing on
+    model.eval()  # the probe trains as the run will, dropout and checkpointing included, and puts this back
+    (batch,) = packed_batches([[60, 36]])
+    _, gradients = loss_and_gradients(model, batch)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    layer = model.get_base_model().model.layers[0].input_layernorm  # inside what checkpointing recomputes
+    calls = []
+    layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    rng = torch.get_rng_state()
+    precision = Precision("no", torch.float32)
+    for mode, forwards in ((False, 1), (True, 2), ("offload", 2)):  # checkpointing runs the layer again
+        calls.clear()
+        assert probe_step(model, batch, mode, precision, CPU) == 0  # the CPU's memory is not counted
+        assert len(calls) == forwards, mode
+        assert model.get_base_model().is_gradient_checkpointing is bool(mode)
+    assert torch.equal(torch.get_rng_state(), rng)  # though dropout drew masks
+    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters() if p.requires_grad)
+    _, after = loss_and_gradients(model, batch)
+    assert all(torch.equal(after[name], gradient) for name, gradient in gradients.items())  # training unchanged
+
+
+def test_the_probe_batch_is_the_heaviest_micro_batch_packed_or_padded():
+    import datasets
+
+    from modules.data import PaddingCollator
+    from modules.model import heaviest_batch
+    from modules.packing import PackedCollator, PackedDataset
+
+    lengths = [5, 40, 12, 33, 7, 25, 18]
+    samples = datasets.Dataset.from_dict(
+        {"input_ids": [[3] * n for n in lengths], "labels": [[3] * n for n in lengths], "length": lengths}
+    )
+    packed = PackedDataset(samples, capacity=45)
+    bins = sorted((sum(packed.lengths[i] for i in bin_) for bin_ in packed.bins), reverse=True)
+    assert heaviest_batch(packed, PackedCollator(), 2)["input_ids"].numel() == bins[0] + bins[1]
+    padded = heaviest_batch(samples, PaddingCollator(0), 3)
+    assert padded["input_ids"].shape == (3, 40) and padded["attention_mask"].sum() == 40 + 33 + 25

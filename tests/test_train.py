@@ -111,7 +111,7 @@ def test_dry_run_prints_audit_and_plan_without_loading_weights(tmp_path, tiny_mo
     assert "format messages (detected" in result.stdout and "packed into" in result.stdout
     assert "Example sample (trained tokens inside [[ ]]" in result.stdout and "[[Ahoy!" in result.stdout
     assert "read from the cache" not in result.stdout
-    assert "grad checkpointing on, torch.compile off" in result.stdout  # compile is for GPUs only by default
+    assert "grad checkpointing on (auto: on the CPU), torch.compile off" in result.stdout  # both GPU choices
     assert not (tmp_path / "run").exists()
     again = run_cli("--config", str(config), "--dry-run")
     assert "(tokenized earlier: read from the cache)" in again.stdout
