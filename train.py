@@ -52,6 +52,7 @@ from modules.model import (
     RECOMPUTE_WORDS,
     RecomputeChoice,
     activation_offload,
+    check_tiled_mlp,
     choose_recompute,
     count_4bit_linears,
     heaviest_batch,
@@ -148,6 +149,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     check_fsdp_launch(state.device, config.quant.load_in_4bit)
     sharded = fsdp_launch()
     compiled = resolve_compile(config, state.device, sharded, state.num_processes)
+    check_tiled_mlp(config, sharded)
     precision = resolve_precision(config, state.device)
     attention = resolve_attention(config, state.device, precision)
     wandb_mode = resolve_wandb_mode(config.log.wandb)
@@ -404,7 +406,8 @@ def check_resumable(checkpoint: Path, config: RunConfig) -> None:
             f"--resume {checkpoint}: the config differs from the checkpoint's in keys that change the run:\n  "
             + "\n  ".join(changed)
             + "\nResume with the checkpoint's values (its config.yaml), or start a new run. "
-            "log.*, eval.*, checkpoint.*, output_dir, train.grad_checkpointing and train.compile may differ."
+            "log.*, eval.*, checkpoint.*, output_dir, train.grad_checkpointing, train.tiled_mlp and train.compile "
+            "may differ."
         )
 
 
@@ -464,6 +467,7 @@ def print_plan(
     compiled = resolve_compile(config, state.device, fsdp_launch(), state.num_processes)
     compiling = "on (decoder layers; the first steps compile)" if compiled else "off"
     recompute = recompute_line(config, state, loaded[4] if loaded is not None else None)
+    tiles = f"MLP in tiles of {train.tiled_mlp:,} tokens, " if train.tiled_mlp else ""
     rows = [
         ("model", config.model.name_or_path),
         ("parameters", params),
@@ -490,7 +494,7 @@ def print_plan(
         (
             "precision",
             f"autocast {precision.mixed}, compute {str(precision.compute_dtype).removeprefix('torch.')}, "
-            f"grad checkpointing {recompute}, torch.compile {compiling}",
+            f"grad checkpointing {recompute}, {tiles}torch.compile {compiling}",
         ),
         ("loss", loss_line(config, summary)),
         ("devices", devices_line(config, state)),

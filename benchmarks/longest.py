@@ -1,6 +1,7 @@
 """The longest sequence one optimizer step trains within a memory cap: our loop against Trainer.
 
-    python benchmarks/longest.py --shape llama3-8b --caps 24 80 [--who ours trainer] [--out longest.jsonl]
+    python benchmarks/longest.py --shape llama3-8b --caps 24 80 [--who ours trainer] [--out longest.jsonl] \
+        [--recompute gc|offload] [--tiled-mlp TOKENS]
 
 One process per side loads the model once (the same job as bench.py: NF4 + double quantization,
 LoRA r 16 on all 7 projections, AdamW, bf16, gradient checkpointing) and trains one optimizer step
@@ -35,7 +36,7 @@ LENGTHS = {
 }
 
 
-def ours_step(model_dir: Path, recompute: str):
+def ours_step(model_dir: Path, recompute: str, tiled_mlp: int | None = None):
     """One optimizer step of train.py's model on one packed row of `length` random tokens."""
     from modules.config import RunConfig
     from modules.model import (
@@ -54,7 +55,7 @@ def ours_step(model_dir: Path, recompute: str):
         {
             "model": {"name_or_path": str(model_dir)},
             "data": {"train": "unused"},
-            "train": {"grad_checkpointing": "offload" if recompute == "offload" else True},
+            "train": {"grad_checkpointing": "offload" if recompute == "offload" else True, "tiled_mlp": tiled_mlp},
             "output_dir": "unused",
         }
     )
@@ -85,7 +86,8 @@ def ours_step(model_dir: Path, recompute: str):
         optimizer.zero_grad(set_to_none=True)
 
     setup = (
-        f"train.py defaults: attention {attention}, compile {compiled}, chunked loss, grad_checkpointing {recompute}"
+        f"train.py defaults: attention {attention}, compile {compiled}, chunked loss, grad_checkpointing {recompute}, "
+        f"tiled_mlp {tiled_mlp}"
     )
     return step, reset, setup
 
@@ -122,12 +124,14 @@ def trainer_step(model_dir: Path):
     return step, reset, "Trainer: prepare_model_for_kbit_training, sdpa, gradient checkpointing"
 
 
-def probe(who: str, model_dir: Path, cap_gib: float, lengths: list[int], recompute: str) -> list[dict]:
+def probe(
+    who: str, model_dir: Path, cap_gib: float, lengths: list[int], recompute: str, tiled_mlp: int | None = None
+) -> list[dict]:
     gpu = torch.cuda.is_available()  # the CPU only checks that the script runs (no cap, no peak)
     if gpu:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total))
-    step, reset, setup = ours_step(model_dir, recompute) if who == "ours" else trainer_step(model_dir)
+    step, reset, setup = ours_step(model_dir, recompute, tiled_mlp) if who == "ours" else trainer_step(model_dir)
     results = []
     for length in lengths:
         if gpu:
@@ -174,12 +178,13 @@ def main() -> None:
     parser.add_argument(
         "--recompute", choices=["gc", "offload"], default="gc", help="ours: train.grad_checkpointing true or offload"
     )
+    parser.add_argument("--tiled-mlp", type=int, help="ours: train.tiled_mlp, tokens per MLP tile")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: probe one side in this process
     args = parser.parse_args()
     model_dir = args.model_dir / args.shape
     if args.one:
         lengths = args.ours_lengths if args.one == "ours" else args.trainer_lengths
-        probe(args.one, model_dir, max(args.caps), lengths, args.recompute)
+        probe(args.one, model_dir, max(args.caps), lengths, args.recompute, args.tiled_mlp)
         return
     bench.build_model(args.shape, model_dir, max(args.ours_lengths))
     answers = {}

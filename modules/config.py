@@ -140,6 +140,13 @@ class TrainConfig(Section):
         "one GPU per process: one probe step on the heaviest micro-batch for off, then true, then offload, keeping "
         "the first within 90% of the GPU's memory; true on the CPU, under FSDP and under device_map.",
     )
+    tiled_mlp: int | None = Field(
+        None,
+        ge=256,
+        description="Tokens per tile: each decoder layer's MLP runs that many tokens at a time, each tile "
+        "recomputed in backward, so its wide intermediates stop growing with the row (for long rows; exact; one "
+        "more MLP forward per step; not under FSDP). null: whole rows.",
+    )
     compile: Literal["auto"] | bool = Field(
         "auto",
         description="torch.compile each decoder layer (fuses norms, rotary, SwiGLU and the LoRA adds; the first "
@@ -258,6 +265,7 @@ HARMLESS_ON_RESUME = (
     "output_dir",
     "data.cache",
     "train.grad_checkpointing",
+    "train.tiled_mlp",
     "train.compile",
 )
 

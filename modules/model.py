@@ -271,6 +271,27 @@ def resolve_compile(config: RunConfig, device: torch.device, sharded: bool, proc
     return choice
 
 
+def check_tiled_mlp(config: RunConfig, sharded: bool) -> None:
+    """train.tiled_mlp is not checked with FSDP's flat shards: refused there, before loading."""
+    if config.train.tiled_mlp and sharded:
+        raise UserError(
+            f"train.tiled_mlp is {config.train.tiled_mlp}, but this is an FSDP launch, whose flat shards tiled "
+            "MLPs are not checked with. Set train.tiled_mlp=null, or launch without FSDP (one GPU, DDP)."
+        )
+
+
+def tile_decoder_mlps(model: torch.nn.Module, tokens: int) -> int:
+    """train.tiled_mlp: every decoder layer's MLP in tiles of `tokens` (modules.tiling); warns if none."""
+    from modules.tiling import tile_mlps
+
+    tiled = tile_mlps(model, tokens)
+    if not tiled:
+        name = type(model.get_base_model()).__name__
+        message = f"train.tiled_mlp: no decoder layer with a dense `mlp` in {name}: its MLPs run whole"
+        warnings.warn(message, stacklevel=2)
+    return tiled
+
+
 def compile_decoder_layers(model: torch.nn.Module) -> int:
     """torch.compile each decoder layer in place (module names, and so the saved adapter, unchanged).
 
@@ -441,6 +462,8 @@ def load_model(
     for name, parameter in peft_model.named_parameters():
         if "trainable_tokens_delta" in name:
             parameter.data = parameter.data.float()  # AdamW on bf16 rows would round small updates away
+    if config.train.tiled_mlp:
+        tile_decoder_mlps(peft_model, config.train.tiled_mlp)
     if compiled:
         compile_decoder_layers(peft_model)
     return peft_model

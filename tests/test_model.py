@@ -257,6 +257,17 @@ def test_compile_says_so_when_it_finds_no_decoder_layer(tiny_model_dir):
     assert all(getattr(module, "_compiled_call_impl", None) is None for module in model.modules())
 
 
+def test_tiling_says_so_when_it_finds_no_dense_mlp(tiny_model_dir):
+    from modules.model import tile_decoder_mlps
+
+    model, _ = lora_model(tiny_model_dir)
+    for layer in model.get_base_model().model.layers:
+        layer.mlp.experts = torch.nn.ModuleList()  # as a mixture of experts, whose forward returns more
+    with pytest.warns(UserWarning, match="no decoder layer with a dense `mlp` in LlamaForCausalLM"):
+        assert tile_decoder_mlps(model, 512) == 0
+    assert all("forward" not in vars(layer.mlp) for layer in model.get_base_model().model.layers)
+
+
 def test_auto_recompute_is_measured_only_where_one_step_fills_one_whole_gpu():
     from modules.model import resolve_recompute
 
@@ -340,3 +351,72 @@ def test_the_probe_batch_is_the_heaviest_micro_batch_packed_or_padded():
     assert heaviest_batch(packed, PackedCollator(), 2)["input_ids"].numel() == bins[0] + bins[1]
     padded = heaviest_batch(samples, PaddingCollator(0), 3)
     assert padded["input_ids"].shape == (3, 40) and padded["attention_mask"].sum() == 40 + 33 + 25
+
+
+def saved_bytes(model, batch: dict) -> int:
+    """Bytes of the distinct storages autograd keeps for backward over one forward."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def test_tiled_mlps_train_exactly_like_whole_ones_and_keep_no_intermediate(tiny_model_dir):
+    from modules.tiling import tile_mlps
+
+    (batch,) = packed_batches([[60, 36]])  # 96 tokens: 3 tiles of 32
+    for recompute in (False, True):
+        model, _ = lora_model(tiny_model_dir, grad_checkpointing=recompute)
+        model.train()
+        names = [name for name, _ in model.named_parameters()]
+        loss, gradients = loss_and_gradients(model, batch)
+        whole_saved = saved_bytes(model, batch)
+        inputs = {name: tensor for name, tensor in batch.items() if name != "labels"}  # logits, not the loss
+        with torch.no_grad():
+            whole_logits = model(**inputs).logits
+        assert tile_mlps(model, 32) == 2  # both decoder layers
+        assert [name for name, _ in model.named_parameters()] == names  # the adapter saves under the same names
+        tiled_loss, tiled_gradients = loss_and_gradients(model, batch)
+        assert tiled_loss == pytest.approx(loss, rel=1e-6)
+        for name, gradient in gradients.items():
+            assert torch.allclose(tiled_gradients[name], gradient, rtol=1e-4, atol=1e-6), name
+        with torch.no_grad():  # evaluation and generation: the same logits
+            assert torch.allclose(model(**inputs).logits, whole_logits, atol=1e-5)
+        if not recompute:  # what a whole MLP keeps: at least its gate and up outputs, 96 x 128 fp32 each, per layer
+            assert whole_saved - saved_bytes(model, batch) >= 2 * 2 * 96 * 128 * 4
+
+
+@pytest.mark.slow
+def test_tiled_mlps_run_eagerly_inside_compiled_layers(tiny_model_dir):
+    from modules.model import compile_decoder_layers
+    from modules.tiling import tile_mlps
+
+    (batch,) = packed_batches([[60, 36]])
+    model, _ = lora_model(tiny_model_dir, grad_checkpointing=True)
+    model.train()
+    tile_mlps(model, 32)
+    loss, gradients = loss_and_gradients(model, batch)
+    compile_decoder_layers(model)
+    compiled_loss, compiled_gradients = loss_and_gradients(model, batch)
+    assert compiled_loss == pytest.approx(loss, rel=1e-5)
+    for name, gradient in gradients.items():
+        assert torch.allclose(compiled_gradients[name], gradient, rtol=1e-4, atol=1e-6), name
+
+
+def test_tiled_mlp_is_a_token_count_and_is_refused_under_fsdp():
+    from modules.errors import UserError
+    from modules.model import check_tiled_mlp
+
+    assert run_config().train.tiled_mlp is None
+    assert run_config(tiled_mlp=8192).train.tiled_mlp == 8192
+    with pytest.raises(ValidationError, match="greater than or equal to 256"):
+        run_config(tiled_mlp=16)
+    check_tiled_mlp(run_config(tiled_mlp=8192), sharded=False)
+    with pytest.raises(UserError, match="train.tiled_mlp=null"):
+        check_tiled_mlp(run_config(tiled_mlp=8192), sharded=True)

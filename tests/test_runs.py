@@ -101,7 +101,12 @@ def test_resume_refuses_a_changed_run_and_allows_harmless_changes(tmp_path, tiny
     older = yaml.safe_load(saved.read_text())
     del older["train"]["compile"]  # as written before train.compile existed
     saved.write_text(yaml.safe_dump(older))
-    memory_only = ("log.every_steps=2", "train.grad_checkpointing=offload", "train.compile=false")
+    memory_only = (
+        "log.every_steps=2",
+        "train.grad_checkpointing=offload",
+        "train.compile=false",
+        "train.tiled_mlp=512",
+    )
     allowed = run_cli("--config", str(config), "--resume", *memory_only)
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     nothing = run_cli("--config", str(tmp_path / "run.yaml"), "output_dir=" + str(tmp_path / "empty"), "--resume")

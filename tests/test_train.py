@@ -113,8 +113,9 @@ def test_dry_run_prints_audit_and_plan_without_loading_weights(tmp_path, tiny_mo
     assert "read from the cache" not in result.stdout
     assert "grad checkpointing on (auto: on the CPU), torch.compile off" in result.stdout  # both GPU choices
     assert not (tmp_path / "run").exists()
-    again = run_cli("--config", str(config), "--dry-run")
+    again = run_cli("--config", str(config), "--dry-run", "train.tiled_mlp=4096")
     assert "(tokenized earlier: read from the cache)" in again.stdout
+    assert "grad checkpointing on (auto: on the CPU), MLP in tiles of 4,096 tokens, torch.compile off" in again.stdout
 
 
 def test_a_hub_dataset_that_cannot_be_reached_is_a_clear_error(tmp_path, tiny_model_dir, chat_file):
