@@ -530,14 +530,21 @@ def decide_recompute(config, accelerator, model, train_set, collate, precision, 
         tokens = batch["input_ids"].numel()
         print(f"train.grad_checkpointing auto: probing a step of the heaviest micro-batch ({tokens:,} tokens)")
     choice = choose_recompute(model, batch, precision, accelerator.device, trainable)
-    if accelerator.num_processes > 1:
-        mine = torch.tensor([RECOMPUTE_LADDER.index(choice.mode)], device=accelerator.device)
-        leanest = RECOMPUTE_LADDER[int(accelerator.gather(mine).max())]
-        if leanest != choice.mode:
-            set_recompute(model, leanest)
-            choice = RecomputeChoice(
-                leanest, f"auto: another process needed it; here {choice.why.removeprefix('auto: ')}"
-            )
+    # The rungs climbed, one past the top when even the offloaded step ran out of memory.
+    rung = len(RECOMPUTE_LADDER) if choice.ran_out else RECOMPUTE_LADDER.index(choice.mode)
+    if accelerator.num_processes > 1:  # every process reaches this gather before any raises
+        rung = int(accelerator.gather(torch.tensor([rung], device=accelerator.device)).max())
+    if rung == len(RECOMPUTE_LADDER):
+        raise UserError(
+            f"train.grad_checkpointing auto: a step of the heaviest micro-batch ({batch['input_ids'].numel():,} "
+            "tokens) ran out of GPU memory even with checkpointing offloaded to CPU memory. Lower "
+            "train.micro_batch_size (and raise train.grad_accum_steps to keep the effective batch) or "
+            "data.max_seq_len, try train.tiled_mlp=8192, or use a smaller model."
+        )
+    if RECOMPUTE_LADDER[rung] != choice.mode:
+        set_recompute(model, RECOMPUTE_LADDER[rung])
+        why = f"auto: another process needed it; here {choice.why.removeprefix('auto: ')}"
+        choice = RecomputeChoice(RECOMPUTE_LADDER[rung], why)
     return choice
 
 

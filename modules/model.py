@@ -146,6 +146,7 @@ BYTES_AFTER_PROBE = 12  # per trainable parameter: AdamW's two fp32 moments, DDP
 class RecomputeChoice:
     mode: Recompute  # what train.grad_checkpointing resolves to
     why: str  # for the plan: how it was chosen
+    ran_out: bool = False  # auto: even the leanest rung's probe step ran out of memory
 
 
 def resolve_recompute(config: RunConfig, device: torch.device, sharded: bool) -> RecomputeChoice | None:
@@ -227,8 +228,8 @@ def gpu_budget(device: torch.device) -> int:
 def climb_recompute(probe, extra: int, budget: int) -> RecomputeChoice:
     """Walk RECOMPUTE_LADDER with `probe(mode) -> peak bytes or None` until a step fits the budget.
 
-    The offloaded step is taken even when its probe did not fit: nothing leaner is left, and the
-    run's own out-of-memory message says what to lower.
+    The offloaded step is taken when nothing fit but it ran: nothing leaner is left, and it may
+    still train. When it ran out of memory too, the choice says so (`ran_out`).
     """
     limit = MEMORY_HEADROOM * budget
     tried = []
@@ -241,7 +242,8 @@ def climb_recompute(probe, extra: int, budget: int) -> RecomputeChoice:
             f"{RECOMPUTE_WORDS[mode].split(',')[0]}: "
             + ("out of memory" if peak is None else f"{peak / 2**30:.1f} GiB")
         )
-    return RecomputeChoice("offload", f"auto: nothing fit {budget / 2**30:.1f} GiB ({'; '.join(tried)})")
+    why = f"auto: nothing fit {budget / 2**30:.1f} GiB ({'; '.join(tried)})"
+    return RecomputeChoice("offload", why, ran_out=peak is None)
 
 
 def choose_recompute(model, batch: dict, precision: Precision, device: torch.device, trainable: int):

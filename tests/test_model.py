@@ -305,8 +305,10 @@ def test_auto_recompute_keeps_the_fastest_step_that_fits_and_probes_no_further()
     over = int(MEMORY_HEADROOM * budget) - 10 * gib + 1  # what the optimizer adds tips checkpointing over
     choice, probed = climb({False: None, True: 10 * gib, "offload": 8 * gib}, extra=over)
     assert choice.mode == "offload" and probed == [False, True, "offload"]
+    choice, _ = climb({False: None, True: None, "offload": 30 * gib}, extra=60 * gib)  # ran, but over
+    assert choice.mode == "offload" and not choice.ran_out and "nothing fit" in choice.why
     choice, _ = climb({False: None, True: None, "offload": None})
-    assert choice.mode == "offload" and "nothing fit" in choice.why and "off: out of memory" in choice.why
+    assert choice.mode == "offload" and choice.ran_out and "off: out of memory" in choice.why
 
 
 def test_a_probe_step_runs_the_mode_asked_and_leaves_no_trace(tiny_model_dir):
