@@ -234,6 +234,9 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     wandb_run = start_trackers(accelerator, config, wandb_mode, output_dir, progress.wandb_run_id)
     progress.wandb_run_id = wandb_run.id if wandb_run is not None else progress.wandb_run_id
     log_audit(wandb_run, audit)
+    if wandb_run is not None:  # what the auto settings became on this hardware (config.yaml keeps "auto")
+        chosen = {"grad_checkpointing": recompute.mode, "compile": compiled}
+        wandb_run.config.update({"resolved": chosen}, allow_val_change=True)
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     # Generation runs on the main process alone, which a sharded model cannot do.
     writes_samples = accelerator.is_main_process and not sharded

@@ -185,6 +185,7 @@ def test_wandb_offline_run_is_written_under_output_dir(tmp_path, tiny_model_dir,
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "an offline W&B run that `wandb sync` can upload"
     records = next(runs[0].glob("*.wandb")).read_bytes()  # config and logs live in the record log offline
     assert b"data_audit" in records and b"packing_efficiency" in records and b"trained_token_fraction" in records
+    assert b"resolved" in records  # what the auto settings chose here
     (example,) = (runs[0] / "files" / "media" / "html" / "data").glob("example*.html")
     assert '<span style="background:#c8f7c5">Ahoy!' in example.read_text()  # trained tokens highlighted
 
