@@ -166,12 +166,29 @@ def resolve_recompute(config: RunConfig, device: torch.device, sharded: bool) ->
 
 
 def set_recompute(model: torch.nn.Module, mode: Recompute) -> None:
-    """Gradient checkpointing (non-reentrant) on or off on the PEFT model's base."""
-    base = model.get_base_model()
-    if mode:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif base.is_gradient_checkpointing:
-        base.gradient_checkpointing_disable()
+    """Gradient checkpointing on or off on the PEFT model's base."""
+    set_checkpointing(model.get_base_model(), bool(mode))
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Non-reentrant activation checkpointing on or off on a transformers model, by the names newer
+    transformers use (the gradient_checkpointing_* ones warn there) or the older ones."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif is_checkpointing(model):
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif is_checkpointing(model):
+        model.gradient_checkpointing_disable()
+
+
+def is_checkpointing(model) -> bool:
+    """Whether a transformers model recomputes its layers in backward (either transformers' name)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing
 
 
 def heaviest_batch(dataset, collate, rows: int) -> dict[str, torch.Tensor]:
@@ -448,7 +465,7 @@ def load_model(
         use_chunked_loss(model)
     resolved = resolve_recompute(config, torch.device(device), sharded)  # None: auto, probed after loading
     if resolved is not None and resolved.mode:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model, True)
     lora = LoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.alpha,

@@ -12,6 +12,7 @@ from modules.model import (
     Precision,
     ensure_distinct_pad,
     inspect_model,
+    is_checkpointing,
     load_model,
     load_tokenizer,
     resolve_attention,
@@ -99,7 +100,7 @@ def test_base_linears_are_nf4_with_double_quantization_and_only_lora_trains(tiny
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)
     assert all(p.dtype == torch.float32 for name, p in model.named_parameters() if p.requires_grad)
-    assert model.base_model.model.is_gradient_checkpointing
+    assert is_checkpointing(model.base_model.model)
 
 
 def test_unquantized_weights_stay_in_the_compute_dtype_and_lora_in_fp32(tiny_model_dir):
@@ -111,7 +112,7 @@ def test_unquantized_weights_stay_in_the_compute_dtype_and_lora_in_fp32(tiny_mod
     assert inner.lm_head.weight.dtype == torch.bfloat16
     assert inner.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
     assert inner.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
-    assert not inner.is_gradient_checkpointing
+    assert not is_checkpointing(inner)
 
 
 def test_plain_lora_twin_loads_without_quantization(tiny_model_dir):
@@ -328,7 +329,7 @@ def test_a_probe_step_runs_the_mode_asked_and_leaves_no_trace(tiny_model_dir):
         calls.clear()
         assert probe_step(model, batch, mode, precision, CPU) == 0  # the CPU's memory is not counted
         assert len(calls) == forwards, mode
-        assert model.get_base_model().is_gradient_checkpointing is bool(mode)
+        assert is_checkpointing(model.get_base_model()) is bool(mode)
     assert torch.equal(torch.get_rng_state(), rng)  # though dropout drew masks
     assert not model.training
     assert all(p.grad is None for p in model.parameters())
