@@ -9,6 +9,7 @@ and the LoRA weights themselves are kept in fp32 by PEFT (`autocast_adapter_dtyp
 
 import contextlib
 import importlib.util
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -173,7 +174,8 @@ def set_recompute(model: torch.nn.Module, mode: Recompute) -> None:
 def set_checkpointing(model, on: bool) -> None:
     """Non-reentrant activation checkpointing on or off on a transformers model, by the names newer
     transformers use (the gradient_checkpointing_* ones warn there) or the older ones."""
-    if hasattr(model, "activation_checkpointing_enable"):
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None and "activation_checkpointing_kwargs" in inspect.signature(enable).parameters:
         if on:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         elif is_checkpointing(model):
