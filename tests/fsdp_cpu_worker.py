@@ -142,7 +142,7 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
             "compared_tensors": len(mine),
         }
         (out / "result.json").write_text(json.dumps(result))
-    if distributed:  # the wrapper before the group, as train.py does (see modules/distributed.py)
+    if distributed:  # the DDP wrapper freed before the group, as train.py ends (its comment says why)
         dist.barrier()
         del model, step
         gc.collect()
