@@ -459,8 +459,9 @@ def print_plan(
     rows_per_step = train.micro_batch_size * train.grad_accum_steps * state.num_processes
     mean_row = audit.tokens / max(audit.rows_kept, 1)
     tokens_per_row = audit.tokens / audit.packed_rows if audit.packed_rows else mean_row
+    choice = None  # a dry run: recompute as it will be chosen
     if loaded is not None:
-        trainable, linears, loading_memory, spread, _ = loaded
+        trainable, linears, loading_memory, spread, choice = loaded
         params = f"{summary.total_params:,} total, {trainable:,} trainable ({trainable / summary.total_params:.2%})"
         quantized = f"{linears} linear layers in 4-bit" if config.quant.load_in_4bit else "none"
     else:
@@ -469,7 +470,7 @@ def print_plan(
     quant = config.quant
     compiled = resolve_compile(config, state.device, fsdp_launch(), state.num_processes)
     compiling = "on (decoder layers; the first steps compile)" if compiled else "off"
-    recompute = recompute_line(config, state, loaded[4] if loaded is not None else None)
+    recompute = recompute_line(config, state, choice)
     tiles = f"MLP in tiles of {train.tiled_mlp:,} tokens, " if train.tiled_mlp else ""
     rows = [
         ("model", config.model.name_or_path),
@@ -529,8 +530,8 @@ def decide_recompute(config, accelerator, model, train_set, collate, precision, 
     if resolved is not None:
         return resolved
     batch = heaviest_batch(train_set, collate, config.train.micro_batch_size)
+    tokens = batch["input_ids"].numel()
     if accelerator.is_main_process:
-        tokens = batch["input_ids"].numel()
         print(f"train.grad_checkpointing auto: probing a step of the heaviest micro-batch ({tokens:,} tokens)")
     choice = choose_recompute(model, batch, precision, accelerator.device, trainable)
     # The rungs climbed, one past the top when even the offloaded step ran out of memory.
@@ -539,10 +540,10 @@ def decide_recompute(config, accelerator, model, train_set, collate, precision, 
         rung = int(accelerator.gather(torch.tensor([rung], device=accelerator.device)).max())
     if rung == len(RECOMPUTE_LADDER):
         raise UserError(
-            f"train.grad_checkpointing auto: a step of the heaviest micro-batch ({batch['input_ids'].numel():,} "
-            "tokens) ran out of GPU memory even with checkpointing offloaded to CPU memory. Lower "
-            "train.micro_batch_size (and raise train.grad_accum_steps to keep the effective batch) or "
-            "data.max_seq_len, try train.tiled_mlp=8192, or use a smaller model."
+            f"train.grad_checkpointing auto: a step of the heaviest micro-batch ({tokens:,} tokens) ran out of "
+            "GPU memory even with checkpointing offloaded to CPU memory. Lower train.micro_batch_size (and raise "
+            "train.grad_accum_steps to keep the effective batch) or data.max_seq_len, try train.tiled_mlp=8192, "
+            "or use a smaller model."
         )
     if RECOMPUTE_LADDER[rung] != choice.mode:
         set_recompute(model, RECOMPUTE_LADDER[rung])

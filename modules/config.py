@@ -171,6 +171,15 @@ class TrainConfig(Section):
     def _unquoted_no(cls, value):
         return "no" if value is False else value  # YAML reads an unquoted `no` as false
 
+    @field_validator("tiled_mlp", mode="before")
+    @classmethod
+    def _tile_tokens(cls, value):
+        if value is False:
+            return None  # off, as null
+        if value is True:
+            raise ValueError("a number of tokens per tile (such as 8192), or null for whole rows")
+        return value
+
     @field_validator("grad_checkpointing", "compile", mode="before")
     @classmethod
     def _switch_or_word(cls, value, info):

@@ -301,11 +301,17 @@ def check_tiled_mlp(config: RunConfig, sharded: bool) -> None:
         )
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The PEFT model's decoder layers: the modules its architecture names in _no_split_modules."""
+    names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
 def tile_decoder_mlps(model: torch.nn.Module, tokens: int) -> int:
     """train.tiled_mlp: every decoder layer's MLP in tiles of `tokens` (modules.tiling); warns if none."""
     from modules.tiling import tile_mlps
 
-    tiled = tile_mlps(model, tokens)
+    tiled = tile_mlps(decoder_layers(model), tokens)
     if not tiled:
         name = type(model.get_base_model()).__name__
         message = f"train.tiled_mlp: no decoder layer with a dense `mlp` in {name}: its MLPs run whole"
@@ -320,8 +326,7 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
     costs about one layer's time however deep the model. The attention kernel and the loss stay
     outside. Generation runs eager (modules.generation), where a KV cache would recompile per step.
     """
-    names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
-    layers = [module for module in model.modules() if type(module).__name__ in names]
+    layers = decoder_layers(model)
     if not layers:
         name = type(model.get_base_model()).__name__
         message = f"train.compile: no decoder layers found in {name} (its _no_split_modules): it trains uncompiled"

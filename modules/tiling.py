@@ -17,14 +17,12 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def tile_mlps(model: torch.nn.Module, tokens: int) -> int:
-    """Make the dense `mlp` of every decoder layer run `tokens` tokens at a time; returns how many it changed.
+def tile_mlps(layers: list[torch.nn.Module], tokens: int) -> int:
+    """Make the dense `mlp` of each decoder layer run `tokens` tokens at a time; returns how many it changed.
 
     The module tree is untouched (the forward is replaced on each instance), so parameter names,
     and the saved adapter, stay as they were.
     """
-    names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
-    layers = [module for module in model.modules() if type(module).__name__ in names]
     mlps = [layer.mlp for layer in layers if is_dense_mlp(getattr(layer, "mlp", None))]
     for mlp in mlps:
         mlp.forward = types.MethodType(tiled(type(mlp).forward, tokens), mlp)

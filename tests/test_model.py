@@ -371,7 +371,7 @@ def saved_bytes(model, batch: dict) -> int:
 
 
 def test_tiled_mlps_train_exactly_like_whole_ones_and_keep_no_intermediate(tiny_model_dir):
-    from modules.tiling import tile_mlps
+    from modules.model import tile_decoder_mlps
 
     (batch,) = packed_batches([[60, 36]])  # 96 tokens: 3 tiles of 32
     for recompute in (False, True):
@@ -383,7 +383,7 @@ def test_tiled_mlps_train_exactly_like_whole_ones_and_keep_no_intermediate(tiny_
         inputs = {name: tensor for name, tensor in batch.items() if name != "labels"}  # logits, not the loss
         with torch.no_grad():
             whole_logits = model(**inputs).logits
-        assert tile_mlps(model, 32) == 2  # both decoder layers
+        assert tile_decoder_mlps(model, 32) == 2  # both decoder layers
         assert [name for name, _ in model.named_parameters()] == names  # the adapter saves under the same names
         tiled_loss, tiled_gradients = loss_and_gradients(model, batch)
         assert tiled_loss == pytest.approx(loss, rel=1e-6)
@@ -397,13 +397,12 @@ def test_tiled_mlps_train_exactly_like_whole_ones_and_keep_no_intermediate(tiny_
 
 @pytest.mark.slow
 def test_tiled_mlps_run_eagerly_inside_compiled_layers(tiny_model_dir):
-    from modules.model import compile_decoder_layers
-    from modules.tiling import tile_mlps
+    from modules.model import compile_decoder_layers, tile_decoder_mlps
 
     (batch,) = packed_batches([[60, 36]])
     model, _ = lora_model(tiny_model_dir, grad_checkpointing=True)
     model.train()
-    tile_mlps(model, 32)
+    tile_decoder_mlps(model, 32)
     loss, gradients = loss_and_gradients(model, batch)
     compile_decoder_layers(model)
     compiled_loss, compiled_gradients = loss_and_gradients(model, batch)
@@ -418,6 +417,9 @@ def test_tiled_mlp_is_a_token_count_and_is_refused_under_fsdp():
 
     assert run_config().train.tiled_mlp is None
     assert run_config(tiled_mlp=8192).train.tiled_mlp == 8192
+    assert run_config(tiled_mlp=False).train.tiled_mlp is None  # off, as null
+    with pytest.raises(ValidationError, match="a number of tokens per tile"):
+        run_config(tiled_mlp=True)
     with pytest.raises(ValidationError, match="greater than or equal to 256"):
         run_config(tiled_mlp=16)
     check_tiled_mlp(run_config(tiled_mlp=8192), sharded=False)
