@@ -8,7 +8,8 @@ tokens per optimizer step (micro-batch, no accumulation), RECOMPUTE `gc` (gradie
 `offload` (ours only: checkpointing with the layer inputs in CPU memory), `auto` (ours only: a probe
 step picks, train.grad_checkpointing auto; the plan's precision row says what) or `nogc`. Flags: `liger`
 adds liger-kernel to Trainer (use_liger_kernel=True); `fullce` turns our chunked cross-entropy off
-(train.chunked_loss false); `eager` turns our compiled decoder layers off (train.compile false).
+(train.chunked_loss false); `eager` turns our compiled decoder layers off (train.compile false) and
+`compiled` on (train.compile true: auto compiles one process on one GPU only).
 Our runs may name a launch: `ddpN` (N processes, accelerate_configs/multi_gpu.yaml), `fsdpN`
 (accelerate_configs/fsdp_qlora.yaml), `split` (one process, model.device_map auto over the visible
 GPUs); BATCH is then per process. Each run is its own process (group), so peak memory is its own.
@@ -195,7 +196,7 @@ def run_ours(spec: dict, args, data: Path) -> dict:
                 "warmup_steps": 1,
                 "grad_checkpointing": {"gc": True, "nogc": False}.get(spec["recompute"], spec["recompute"]),
                 "chunked_loss": spec["chunked_loss"],
-                **({"compile": False} if spec["eager"] else {}),  # else train.py's default: compiled on a GPU
+                **({"compile": spec["compile"]} if spec["compile"] is not None else {}),  # else train.py's auto
             },
             "model": {"name_or_path": str(args.model_dir), "device_map": "auto" if spec["split"] else None},
             "checkpoint": {"every_steps": None},
@@ -368,10 +369,11 @@ def parse_spec(text: str) -> dict:
         who not in ("ours", "trainer")
         or recompute not in ("gc", "nogc", "offload", "auto")
         or (who == "trainer" and recompute in ("offload", "auto"))
-        or flags - {"liger", "fullce", "eager"}
+        or flags - {"liger", "fullce", "eager", "compiled"}
+        or {"eager", "compiled"} <= flags
     ):
         raise SystemExit(
-            f"bad run {text!r}: WHO:BATCH:gc|nogc|offload|auto[:liger|:fullce|:eager][:ddpN|:fsdpN|:split]"
+            f"bad run {text!r}: WHO:BATCH:gc|nogc|offload|auto[:liger|:fullce|:eager|:compiled][:ddpN|:fsdpN|:split]"
         )
     kind, processes = (launches[0].group(1), int(launches[0].group(2) or 1)) if launches else (None, 1)
     return {
@@ -382,7 +384,7 @@ def parse_spec(text: str) -> dict:
         "gc": recompute != "nogc",  # Trainer's switch
         "liger": "liger" in flags,
         "chunked_loss": "fullce" not in flags,
-        "eager": "eager" in flags,
+        "compile": False if "eager" in flags else True if "compiled" in flags else None,  # None: train.py's auto
         "processes": processes,
         "fsdp": kind == "fsdp",
         "split": bool(launches) and launches[0].group(0) == "split",

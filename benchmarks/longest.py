@@ -124,6 +124,23 @@ def trainer_step(model_dir: Path):
     return step, reset, "Trainer: prepare_model_for_kbit_training, sdpa, gradient checkpointing"
 
 
+def host_peak() -> int:
+    """Bytes of pinned host memory held at once since the last reset (the offloaded activations)."""
+    if not hasattr(torch.cuda, "host_memory_stats"):
+        return 0
+    return torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0)  # blocks rounded up to powers of two
+
+
+def empty_host_cache() -> None:
+    """Give the pinned blocks of the last length back. The caching host allocator keeps them, and
+    blocks rounded to powers of two for one length are not reused by the next, so a sweep of lengths
+    would otherwise hold every length's offloaded activations in host memory at once."""
+    for name in ("_host_emptyCache", "_accelerator_emptyHostCache"):
+        if hasattr(torch._C, name):
+            getattr(torch._C, name)()
+            return
+
+
 def probe(
     who: str, model_dir: Path, cap_gib: float, lengths: list[int], recompute: str, tiled_mlp: int | None = None
 ) -> list[dict]:
@@ -137,6 +154,8 @@ def probe(
         if gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            if hasattr(torch.cuda, "reset_peak_host_memory_stats"):  # not in every torch
+                torch.cuda.reset_peak_host_memory_stats()
         started = time.perf_counter()
         try:
             step(length)
@@ -151,6 +170,7 @@ def probe(
             "fits": fits,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else 0.0,
             "seconds": round(time.perf_counter() - started, 1),
+            "pinned_host_gib": round(host_peak() / 2**30, 2) if gpu else 0.0,
             "setup": setup,
         }
         print("PROBE " + json.dumps(result), flush=True)
@@ -159,6 +179,7 @@ def probe(
         gc.collect()
         if gpu:
             torch.cuda.empty_cache()
+            empty_host_cache()
         if not fits:
             break
     return results
@@ -189,16 +210,27 @@ def main() -> None:
     bench.build_model(args.shape, model_dir, max(args.ours_lengths))
     answers = {}
     for who in args.who:  # each side in its own process: its own allocator and peak
-        done = subprocess.run([sys.executable, __file__, "--one", who, *sys.argv[1:]], capture_output=True, text=True)
-        results = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("PROBE ")]
-        if done.returncode != 0:  # e.g. killed while trying a length: say so, with the reason seen
-            print(f"{who}: the probe exited {done.returncode} after {len(results)} length(s):", file=sys.stderr)
-            print(done.stderr[-6000:], file=sys.stderr)
-        for result in results:
-            print(json.dumps(result), flush=True)
-            if args.out:
-                with open(args.out, "a") as handle:
-                    handle.write(json.dumps(result | {"shape": args.shape, "caps": args.caps}) + "\n")
+        results = []
+        with tempfile.TemporaryFile("w+") as errors:
+            side = subprocess.Popen(
+                [sys.executable, __file__, "--one", who, *sys.argv[1:]],
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+            )
+            for line in side.stdout:  # each length as it finishes: a run stopped later keeps what it measured
+                if not line.startswith("PROBE "):
+                    continue
+                result = json.loads(line[6:])
+                results.append(result)
+                print(json.dumps(result), flush=True)
+                if args.out:
+                    with open(args.out, "a") as handle:
+                        handle.write(json.dumps(result | {"shape": args.shape, "caps": args.caps}) + "\n")
+            if side.wait() != 0:  # e.g. killed while trying a length: say so, with the reason seen
+                errors.seek(0)
+                print(f"{who}: the probe exited {side.returncode} after {len(results)} length(s):", file=sys.stderr)
+                print(errors.read()[-6000:], file=sys.stderr)
         answers[who] = {
             cap: max((r["length"] for r in results if r["fits"] and r["peak_gib"] <= cap), default=None)
             for cap in args.caps

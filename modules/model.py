@@ -210,7 +210,7 @@ def probe_step(model, batch: dict, mode: Recompute, precision: Precision, device
     set_recompute(model, mode)
     was_training = model.training
     model.train()  # as the run will: checkpointing and dropout act in training mode only
-    batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    batch = {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
     label_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     cuda = device.type == "cuda"
     if cuda:
@@ -238,9 +238,10 @@ def probe_step(model, batch: dict, mode: Recompute, precision: Precision, device
 def gpu_budget(device: torch.device) -> int:
     """Bytes this process may hold on its GPU: what is free plus what it holds already, under any
     torch.cuda.set_per_process_memory_fraction cap."""
-    free, total = torch.cuda.mem_get_info(device)
-    capacity = free + torch.cuda.memory_reserved(device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)  # absent from older torch
+    index = torch.cuda.current_device() if device.index is None else device.index  # accelerate's device is "cuda"
+    free, total = torch.cuda.mem_get_info(index)
+    capacity = free + torch.cuda.memory_reserved(index)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(index)  # absent from older torch
     return min(capacity, int(total * fraction))
 
 
@@ -512,12 +513,12 @@ def count_4bit_linears(model: torch.nn.Module) -> int:
 
 
 def placement(peft_model) -> str | None:
-    """Where device_map put the base model's modules, when it spread them over several devices."""
+    """Where the decoder layers are when device_map spread them over several devices, read from the
+    layers' own weights (where their forward runs) rather than from the loader's plan."""
     from collections import Counter
 
-    device_map = getattr(peft_model.get_base_model(), "hf_device_map", None) or {}
-    counts = Counter(str(device) for device in device_map.values())
-    if len(counts) < 2:
+    devices = Counter(next(layer.parameters()).device for layer in decoder_layers(peft_model))
+    if len(devices) < 2:
         return None
-    where = {device: f"GPU {device}" if device.isdigit() else device for device in counts}
-    return ", ".join(f"{count} module(s) on {where[device]}" for device, count in counts.items())
+    name = {device: f"GPU {device.index}" if device.type == "cuda" else device.type for device in devices}
+    return ", ".join(f"{count} layer(s) on {name[device]}" for device, count in sorted(devices.items(), key=str))

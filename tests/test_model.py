@@ -338,6 +338,29 @@ def test_a_probe_step_runs_the_mode_asked_and_leaves_no_trace(tiny_model_dir):
     assert all(torch.equal(after[name], gradient) for name, gradient in gradients.items())  # training unchanged
 
 
+def test_a_probe_step_takes_the_varlen_collators_batches_whose_lengths_are_integers(tiny_model_dir):
+    from modules.model import probe_step
+    from modules.packing import PackedCollator
+
+    model, _ = lora_model(tiny_model_dir)
+    batch = PackedCollator(varlen_kwargs=True)([[{"input_ids": [5] * 30, "labels": [5] * 30}] * 2])
+    assert any(isinstance(value, int) for value in batch.values())  # max_length_q / max_length_k
+    assert probe_step(model, batch, False, Precision("no", torch.float32), CPU) == 0
+
+
+def test_placement_names_the_devices_that_hold_the_decoder_layers():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modules.model import placement
+
+    shape = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
+    model = get_peft_model(LlamaForCausalLM(shape), LoraConfig(target_modules=["q_proj"]))  # unquantized: can move
+    assert placement(model) is None  # one device: nothing to say
+    model.get_base_model().model.layers[2].to("meta")  # the CPU's stand-in for a second GPU
+    assert placement(model) == "2 layer(s) on cpu, 1 layer(s) on meta"
+
+
 def test_the_probe_batch_is_the_heaviest_micro_batch_packed_or_padded():
     import datasets
 
