@@ -48,7 +48,6 @@ from modules.evaluate import evaluate
 from modules.generation import SampleWriter
 from modules.loss import CHUNK_TOKENS, SUPPORTED
 from modules.model import (
-    RECOMPUTE_LADDER,
     RECOMPUTE_WORDS,
     RecomputeChoice,
     activation_offload,
@@ -60,11 +59,12 @@ from modules.model import (
     load_model,
     load_tokenizer,
     placement,
+    recompute_ladder,
     resolve_attention,
     resolve_compile,
     resolve_precision,
     resolve_recompute,
-    set_recompute,
+    settle_recompute,
 )
 from modules.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from modules.packing import VARLEN, PackedCollator, real_tokens
@@ -235,7 +235,11 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     progress.wandb_run_id = wandb_run.id if wandb_run is not None else progress.wandb_run_id
     log_audit(wandb_run, audit)
     if wandb_run is not None:  # what the auto settings became on this hardware (config.yaml keeps "auto")
-        chosen = {"grad_checkpointing": recompute.mode, "compile": compiled}
+        chosen = {
+            "grad_checkpointing": recompute.mode,
+            "tiled_mlp": config.train.tiled_mlp or recompute.tiled,
+            "compile": compiled,
+        }
         wandb_run.config.update({"resolved": chosen}, allow_val_change=True)
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     # Generation runs on the main process alone, which a sharded model cannot do.
@@ -471,7 +475,8 @@ def print_plan(
     compiled = resolve_compile(config, state.device, fsdp_launch(), state.num_processes)
     compiling = "on (decoder layers; the first steps compile)" if compiled else "off"
     recompute = recompute_line(config, state, choice)
-    tiles = f"MLP in tiles of {train.tiled_mlp:,} tokens, " if train.tiled_mlp else ""
+    tile_tokens = train.tiled_mlp or (choice.tiled if choice is not None else None)  # set, or auto's last rung
+    tiles = f"MLP in tiles of {tile_tokens:,} tokens, " if tile_tokens else ""
     rows = [
         ("model", config.model.name_or_path),
         ("parameters", params),
@@ -516,7 +521,7 @@ def recompute_line(config: RunConfig, state, choice: RecomputeChoice | None) -> 
     """The plan's word on gradient checkpointing: as chosen, or (a dry run) as it will be chosen."""
     choice = choice or resolve_recompute(config, state.device, fsdp_launch())
     if choice is None:
-        return "auto (one probe step after loading picks off, on or offload)"
+        return "auto (one probe step after loading picks off, on, offload, or offload with tiled MLPs)"
     words = RECOMPUTE_WORDS[choice.mode]
     if choice.mode == "offload" and state.device.type != "cuda":
         words = "on (offload asked, but on the CPU there is nothing to offload)"
@@ -533,23 +538,14 @@ def decide_recompute(config, accelerator, model, train_set, collate, precision, 
     tokens = batch["input_ids"].numel()
     if accelerator.is_main_process:
         print(f"train.grad_checkpointing auto: probing a step of the heaviest micro-batch ({tokens:,} tokens)")
-    choice = choose_recompute(model, batch, precision, accelerator.device, trainable)
-    # The rungs climbed, one past the top when even the offloaded step ran out of memory.
-    rung = len(RECOMPUTE_LADDER) if choice.ran_out else RECOMPUTE_LADDER.index(choice.mode)
+    tiled_mlp = config.train.tiled_mlp
+    ladder = recompute_ladder(model, tiled_mlp)
+    choice = choose_recompute(model, batch, precision, accelerator.device, trainable, tiled_mlp)
+    # The rungs climbed, one past the top when even the leanest step ran out of memory.
+    rung = len(ladder) if choice.ran_out else ladder.index(choice.rung)
     if accelerator.num_processes > 1:  # every process reaches this gather before any raises
         rung = int(accelerator.gather(torch.tensor([rung], device=accelerator.device)).max())
-    if rung == len(RECOMPUTE_LADDER):
-        raise UserError(
-            f"train.grad_checkpointing auto: a step of the heaviest micro-batch ({tokens:,} tokens) ran out of "
-            "GPU memory even with checkpointing offloaded to CPU memory. Lower train.micro_batch_size (and raise "
-            "train.grad_accum_steps to keep the effective batch) or data.max_seq_len, try train.tiled_mlp=8192, "
-            "or use a smaller model."
-        )
-    if RECOMPUTE_LADDER[rung] != choice.mode:
-        set_recompute(model, RECOMPUTE_LADDER[rung])
-        why = f"auto: another process needed it; here {choice.why.removeprefix('auto: ')}"
-        choice = RecomputeChoice(RECOMPUTE_LADDER[rung], why)
-    return choice
+    return settle_recompute(model, choice, ladder, rung, tokens, tiled_mlp)
 
 
 def loss_line(config: RunConfig, summary) -> str:

@@ -137,15 +137,17 @@ class TrainConfig(Section):
         "auto",
         description="Recompute activations in backward (non-reentrant). offload: also keep what the recompute starts "
         "from (each layer's input) in pinned CPU memory, for long sequences (on a GPU; slower per token). auto, on "
-        "one GPU per process: one probe step on the heaviest micro-batch for off, then true, then offload, keeping "
-        "the first within 90% of the GPU's memory; true on the CPU, under FSDP and under device_map.",
+        "one GPU per process: one probe step on the heaviest micro-batch for off, then true, then offload, then "
+        "offload with MLPs in tiles of 8192 tokens, keeping the first within 90% of the GPU's memory; true on the "
+        "CPU, under FSDP and under device_map.",
     )
     tiled_mlp: int | None = Field(
         None,
         ge=256,
         description="Tokens per tile: each decoder layer's MLP runs that many tokens at a time, each tile "
         "recomputed in backward, so its wide intermediates stop growing with the row (for long rows; exact; one "
-        "more MLP forward per step; not under FSDP). null: whole rows.",
+        "more MLP forward per step; not under FSDP). null: whole rows, unless grad_checkpointing auto needs tiles "
+        "to fit.",
     )
     compile: Literal["auto"] | bool = Field(
         "auto",

@@ -135,9 +135,12 @@ def activation_offload(recompute: Recompute, model: torch.nn.Module, device: tor
     return contextlib.nullcontext()
 
 
-# train.grad_checkpointing auto tries these in order and keeps the first whose step fits the GPU:
-# fastest first (no recompute), leanest last (recompute, layer inputs in CPU memory).
-RECOMPUTE_LADDER: tuple[Recompute, ...] = (False, True, "offload")
+# train.grad_checkpointing auto tries these rungs in order and keeps the first whose step fits the
+# GPU: fastest first (no recompute), leanest last (recompute, layer inputs in CPU memory, and the
+# MLPs in tiles of AUTO_TILE_TOKENS, the tile measured on an 8B model: benchmarks/README.md).
+AUTO_TILE_TOKENS = 8192
+Rung = tuple[Recompute, int | None]  # (recompute, tokens per MLP tile or None for whole rows)
+RECOMPUTE_LADDER: tuple[Rung, ...] = ((False, None), (True, None), ("offload", None), ("offload", AUTO_TILE_TOKENS))
 RECOMPUTE_WORDS = {False: "off", True: "on", "offload": "on, layer inputs offloaded to pinned CPU memory"}
 MEMORY_HEADROOM = 0.9  # of the GPU: the caching allocator's slack, evaluation, generation
 BYTES_AFTER_PROBE = 12  # per trainable parameter: AdamW's two fp32 moments, DDP's gradient buckets
@@ -148,6 +151,11 @@ class RecomputeChoice:
     mode: Recompute  # what train.grad_checkpointing resolves to
     why: str  # for the plan: how it was chosen
     ran_out: bool = False  # auto: even the leanest rung's probe step ran out of memory
+    tiled: int | None = None  # auto's last rung: the MLPs now run in tiles of this many tokens
+
+    @property
+    def rung(self) -> Rung:
+        return self.mode, self.tiled
 
 
 def resolve_recompute(config: RunConfig, device: torch.device, sharded: bool) -> RecomputeChoice | None:
@@ -245,35 +253,80 @@ def gpu_budget(device: torch.device) -> int:
     return min(capacity, int(total * fraction))
 
 
-def climb_recompute(probe, extra: int, budget: int) -> RecomputeChoice:
-    """Walk RECOMPUTE_LADDER with `probe(mode) -> peak bytes or None` until a step fits the budget.
+def climb_recompute(probe, extra: int, budget: int, ladder: tuple[Rung, ...] = RECOMPUTE_LADDER) -> RecomputeChoice:
+    """Walk `ladder` with `probe(rung) -> peak bytes or None` until a step fits the budget.
 
-    The offloaded step is taken when nothing fit but it ran: nothing leaner is left, and it may
+    The leanest rung is taken when nothing fit but it ran: nothing leaner is left, and it may
     still train. When it ran out of memory too, the choice says so (`ran_out`).
     """
     limit = MEMORY_HEADROOM * budget
     tried = []
-    for mode in RECOMPUTE_LADDER:
-        peak = probe(mode)
+    for mode, tiles in ladder:
+        peak = probe((mode, tiles))
         if peak is not None and peak + extra <= limit:
             fit = f"a step peaked at {peak / 2**30:.1f} GiB"
-            return RecomputeChoice(mode, f"auto: {fit}, within {MEMORY_HEADROOM:.0%} of {budget / 2**30:.1f} GiB")
-        tried.append(
-            f"{RECOMPUTE_WORDS[mode].split(',')[0]}: "
-            + ("out of memory" if peak is None else f"{peak / 2**30:.1f} GiB")
-        )
+            why = f"auto: {fit}, within {MEMORY_HEADROOM:.0%} of {budget / 2**30:.1f} GiB"
+            return RecomputeChoice(mode, why, tiled=tiles)
+        short = {False: "off", True: "on"}.get(mode, mode) + (" + tiled MLP" if tiles else "")
+        tried.append(f"{short}: " + ("out of memory" if peak is None else f"{peak / 2**30:.1f} GiB"))
     why = f"auto: nothing fit {budget / 2**30:.1f} GiB ({'; '.join(tried)})"
-    return RecomputeChoice("offload", why, ran_out=peak is None)
+    return RecomputeChoice(mode, why, ran_out=peak is None, tiled=tiles)
 
 
-def choose_recompute(model, batch: dict, precision: Precision, device: torch.device, trainable: int):
+def recompute_ladder(model, tiled_mlp: int | None) -> tuple[Rung, ...]:
+    """The rungs auto may climb for this model: without the tiled one where the MLPs are tiled by
+    train.tiled_mlp already, or where no decoder layer has a dense MLP to tile."""
+    from modules.tiling import is_dense_mlp
+
+    dense = any(is_dense_mlp(getattr(layer, "mlp", None)) for layer in decoder_layers(model))
+    return RECOMPUTE_LADDER if dense and not tiled_mlp else RECOMPUTE_LADDER[:-1]
+
+
+def use_rung(model, rung: Rung, tiled: bool) -> None:
+    """Put the model on `rung`: its recompute, and its MLPs tiled if the rung tiles and they are not
+    (`tiled`). Tiling cannot be undone, which is why it is the last rung. Compiled layers that ran
+    whole MLPs notice the new MLP forward and compile again (a test checks)."""
+    mode, tiles = rung
+    if tiles and not tiled:
+        tile_decoder_mlps(model, tiles)
+    set_recompute(model, mode)
+
+
+def choose_recompute(
+    model, batch: dict, precision: Precision, device: torch.device, trainable: int, tiled_mlp: int | None
+) -> RecomputeChoice:
     """train.grad_checkpointing auto on one GPU: probe the run's heaviest micro-batch, fastest first."""
     budget = gpu_budget(device)
-    choice = climb_recompute(
-        lambda mode: probe_step(model, batch, mode, precision, device), BYTES_AFTER_PROBE * trainable, budget
-    )
-    set_recompute(model, choice.mode)
+    ladder = recompute_ladder(model, tiled_mlp)
+
+    def probe(rung: Rung) -> int | None:
+        use_rung(model, rung, tiled=bool(tiled_mlp))
+        return probe_step(model, batch, rung[0], precision, device)
+
+    choice = climb_recompute(probe, BYTES_AFTER_PROBE * trainable, budget, ladder)
+    use_rung(model, choice.rung, tiled=bool(tiled_mlp) or choice.tiled is not None)
     return choice
+
+
+def settle_recompute(
+    model, choice: RecomputeChoice, ladder: tuple[Rung, ...], rung: int, tokens: int, tiled_mlp: int | None
+) -> RecomputeChoice:
+    """Put the model on `rung` of `ladder`: this process's choice, or a leaner one another DDP process
+    needed (so all recompute alike); one past the top means even the leanest step ran out of memory."""
+    if rung == len(ladder):
+        tiles = ladder[-1][1] or tiled_mlp
+        leanest = "checkpointing offloaded to CPU memory" + (f" and MLPs in tiles of {tiles:,} tokens" if tiles else "")
+        raise UserError(
+            f"train.grad_checkpointing auto: a step of the heaviest micro-batch ({tokens:,} tokens) ran out of "
+            f"GPU memory even with {leanest}. Lower train.micro_batch_size (and raise train.grad_accum_steps to "
+            f"keep the effective batch) or data.max_seq_len{', or train.tiled_mlp' if tiled_mlp else ''}, or use "
+            "a smaller model."
+        )
+    if ladder[rung] == choice.rung:
+        return choice
+    use_rung(model, ladder[rung], tiled=bool(tiled_mlp) or choice.tiled is not None)
+    why = f"auto: another process needed it; here {choice.why.removeprefix('auto: ')}"
+    return RecomputeChoice(ladder[rung][0], why, tiled=ladder[rung][1])
 
 
 def resolve_compile(config: RunConfig, device: torch.device, sharded: bool, processes: int = 1) -> bool:

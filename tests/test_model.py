@@ -285,31 +285,96 @@ def test_auto_recompute_is_measured_only_where_one_step_fills_one_whole_gpu():
 
 
 def test_auto_recompute_keeps_the_fastest_step_that_fits_and_probes_no_further():
-    from modules.model import MEMORY_HEADROOM, climb_recompute
+    from modules.model import AUTO_TILE_TOKENS, MEMORY_HEADROOM, RECOMPUTE_LADDER, climb_recompute
 
     gib = 2**30
     budget = 80 * gib
+    tiled = ("offload", AUTO_TILE_TOKENS)
 
-    def climb(peaks: dict, extra: int = 0):
+    def climb(peaks: dict, extra: int = 0, ladder=RECOMPUTE_LADDER):
         probed = []
 
-        def probe(mode):
-            probed.append(mode)
-            return peaks[mode]
+        def probe(rung):
+            probed.append(rung)
+            return peaks[rung]
 
-        return climb_recompute(probe, extra, budget), probed
+        return climb_recompute(probe, extra, budget, ladder), probed
 
-    choice, probed = climb({False: 60 * gib, True: 10 * gib, "offload": 8 * gib})
-    assert choice.mode is False and probed == [False] and "60.0 GiB" in choice.why
-    choice, probed = climb({False: None, True: 10 * gib, "offload": 8 * gib})  # None: out of memory
-    assert choice.mode is True and probed == [False, True]
+    roomy = {(False, None): 60 * gib, (True, None): 10 * gib, ("offload", None): 8 * gib, tiled: 6 * gib}
+    choice, probed = climb(roomy)
+    assert choice.rung == (False, None) and probed == [(False, None)] and "60.0 GiB" in choice.why
+    choice, probed = climb(roomy | {(False, None): None})  # None: out of memory
+    assert choice.rung == (True, None) and probed == [(False, None), (True, None)]
     over = int(MEMORY_HEADROOM * budget) - 10 * gib + 1  # what the optimizer adds tips checkpointing over
-    choice, probed = climb({False: None, True: 10 * gib, "offload": 8 * gib}, extra=over)
-    assert choice.mode == "offload" and probed == [False, True, "offload"]
-    choice, _ = climb({False: None, True: None, "offload": 30 * gib}, extra=60 * gib)  # ran, but over
-    assert choice.mode == "offload" and not choice.ran_out and "nothing fit" in choice.why
-    choice, _ = climb({False: None, True: None, "offload": None})
-    assert choice.mode == "offload" and choice.ran_out and "off: out of memory" in choice.why
+    choice, probed = climb(roomy | {(False, None): None}, extra=over)
+    assert choice.rung == ("offload", None) and probed == [(False, None), (True, None), ("offload", None)]
+    choice, probed = climb(roomy | {(False, None): None, (True, None): None}, extra=over + 2 * gib)
+    assert choice.rung == tiled and choice.tiled == AUTO_TILE_TOKENS and len(probed) == 4  # tiling tips it
+    long_rows = {(False, None): None, (True, None): None, ("offload", None): 30 * gib, tiled: 25 * gib}
+    choice, _ = climb(long_rows, extra=60 * gib)  # ran, but over: the leanest rung, said so
+    assert choice.rung == tiled and not choice.ran_out and "nothing fit" in choice.why
+    choice, _ = climb(long_rows | {("offload", None): None, tiled: None})
+    assert choice.rung == tiled and choice.ran_out
+    assert "off: out of memory" in choice.why and "offload + tiled MLP: out of memory" in choice.why
+    choice, _ = climb(long_rows | {("offload", None): None}, ladder=RECOMPUTE_LADDER[:-1])  # MLPs tiled already
+    assert choice.rung == ("offload", None) and choice.ran_out
+
+
+def test_auto_climbs_to_tiled_mlps_only_where_there_are_whole_dense_mlps_to_tile(tiny_model_dir):
+    from modules.model import RECOMPUTE_LADDER, recompute_ladder
+
+    model, _ = lora_model(tiny_model_dir)
+    assert recompute_ladder(model, tiled_mlp=None) == RECOMPUTE_LADDER  # llama: dense MLPs
+    assert recompute_ladder(model, tiled_mlp=4096) == RECOMPUTE_LADDER[:-1]  # tiled by the config already
+    for layer in model.get_base_model().model.layers:
+        layer.mlp.experts = torch.nn.ModuleList()  # what a mixture of experts has: not tiled
+    assert recompute_ladder(model, tiled_mlp=None) == RECOMPUTE_LADDER[:-1]
+
+
+def test_every_ddp_process_settles_on_the_leanest_rung_any_of_them_needed(tiny_model_dir):
+    from modules.model import RECOMPUTE_LADDER, RecomputeChoice, settle_recompute
+
+    ladder = (*RECOMPUTE_LADDER[:-1], ("offload", 32))  # tiles this tiny batch can show
+    (batch,) = packed_batches([[60, 36]])  # 96 tokens
+    model, _ = lora_model(tiny_model_dir, grad_checkpointing=False)
+    model.train()
+    mine = RecomputeChoice(False, "auto: a step peaked at 1.0 GiB, within 90% of 80.0 GiB")
+    assert settle_recompute(model, mine, ladder, 0, 96, None) is mine  # nobody needed more
+    with pytest.raises(UserError, match="even with checkpointing offloaded to CPU memory and MLPs in tiles of 32"):
+        settle_recompute(model, mine, ladder, len(ladder), 96, None)  # one process ran out on every rung
+    settled = settle_recompute(model, mine, ladder, 3, 96, None)  # another process needed the tiled rung
+    assert settled.rung == ("offload", 32) and "another process needed it" in settled.why
+    assert is_checkpointing(model.get_base_model())
+    calls = count_mlp_passes(model)
+    model(**batch)  # a training forward
+    assert len(calls) == 3  # tiled here too: 3 tiles of 32 (a whole MLP is one pass)
+
+
+def count_mlp_passes(model) -> list[int]:
+    """Calls of the first layer's gate projection: one per MLP pass over a row or over a tile."""
+    calls = []
+    model.get_base_model().model.layers[0].mlp.gate_proj.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.slow
+def test_the_tiled_rung_tiles_mlps_that_compiled_layers_already_ran_whole(tiny_model_dir):
+    from modules.model import compile_decoder_layers, use_rung
+
+    (batch,) = packed_batches([[60, 36]])  # 96 tokens: 3 tiles of 32
+    model, _ = lora_model(tiny_model_dir)
+    model.train()
+    compile_decoder_layers(model)
+    loss, gradients = loss_and_gradients(model, batch)  # compiled, whole MLPs
+    use_rung(model, ("offload", 32), tiled=False)
+    assert is_checkpointing(model.get_base_model())
+    calls = count_mlp_passes(model)  # the compiled graph runs a whole MLP without calling its hooks
+    model(**batch)
+    assert len(calls) == 3  # the compiled layer now calls the MLP tile by tile
+    tiled_loss, tiled_gradients = loss_and_gradients(model, batch)
+    assert tiled_loss == pytest.approx(loss, rel=1e-5)
+    for name, gradient in gradients.items():
+        assert torch.allclose(tiled_gradients[name], gradient, rtol=1e-4, atol=1e-6), name
 
 
 def test_a_probe_step_runs_the_mode_asked_and_leaves_no_trace(tiny_model_dir):
