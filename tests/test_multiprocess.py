@@ -145,3 +145,20 @@ def test_device_map_auto_is_refused_under_a_multi_process_launch(tmp_path, tiny_
     assert done.returncode != 0 and "exitcode  : 2" in done.stderr  # the ranks exit 2 (the launcher adds its report)
     assert "qlora-loop: error: model.device_map auto spreads one model over the GPUs of one process" in done.stderr
     assert "2 processes" in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_compiled_decoder_layers_under_ddp_train_like_one_eager_process(tmp_path, tiny_model_dir, chat_file):
+    # train.compile true under DDP (auto leaves it off there until measured on GPUs): gradients still
+    # reach DDP's buckets from the compiled layers, and both ranks stay in step.
+    config = write_config(
+        tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "x", train={"max_steps": 4}, lora={"dropout": 0.0}
+    )  # no dropout: compiled and eager dropout draw different masks
+    two = launch_two_cpu_ranks(
+        "--config", str(config), f"output_dir={tmp_path / 'two'}", "train.micro_batch_size=2", "train.compile=true"
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "torch.compile on" in two.stdout and "2 x cpu" in two.stdout
+    one = run_cli("--config", str(config), f"output_dir={tmp_path / 'one'}", "train.micro_batch_size=4")
+    assert one.returncode == 0, one.stderr[-3000:]
+    for a, b in zip(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
