@@ -235,11 +235,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     progress.wandb_run_id = wandb_run.id if wandb_run is not None else progress.wandb_run_id
     log_audit(wandb_run, audit)
     if wandb_run is not None:  # what the auto settings became on this hardware (config.yaml keeps "auto")
-        chosen = {
-            "grad_checkpointing": recompute.mode,
-            "tiled_mlp": config.train.tiled_mlp or recompute.tiled,
-            "compile": compiled,
-        }
+        chosen = {"grad_checkpointing": recompute.mode, "tiled_mlp": recompute.tiled, "compile": compiled}
         wandb_run.config.update({"resolved": chosen}, allow_val_change=True)
     metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     # Generation runs on the main process alone, which a sharded model cannot do.
@@ -474,8 +470,9 @@ def print_plan(
     quant = config.quant
     compiled = resolve_compile(config, state.device, fsdp_launch(), state.num_processes)
     compiling = "on (decoder layers; the first steps compile)" if compiled else "off"
-    recompute = recompute_line(config, state, choice)
-    tile_tokens = train.tiled_mlp or (choice.tiled if choice is not None else None)  # set, or auto's last rung
+    choice = choice or resolve_recompute(config, state.device, fsdp_launch())  # None: auto, probed after loading
+    recompute = recompute_line(state, choice)
+    tile_tokens = choice.tiled if choice is not None else train.tiled_mlp
     tiles = f"MLP in tiles of {tile_tokens:,} tokens, " if tile_tokens else ""
     rows = [
         ("model", config.model.name_or_path),
@@ -517,9 +514,8 @@ def print_plan(
     print("Plan:\n" + format_plan(rows), flush=True)
 
 
-def recompute_line(config: RunConfig, state, choice: RecomputeChoice | None) -> str:
-    """The plan's word on gradient checkpointing: as chosen, or (a dry run) as it will be chosen."""
-    choice = choice or resolve_recompute(config, state.device, fsdp_launch())
+def recompute_line(state, choice: RecomputeChoice | None) -> str:
+    """The plan's word on gradient checkpointing: as chosen or resolved, or auto still to be probed."""
     if choice is None:
         return "auto (one probe step after loading picks off, on, offload, or offload with tiled MLPs)"
     words = RECOMPUTE_WORDS[choice.mode]
@@ -538,14 +534,13 @@ def decide_recompute(config, accelerator, model, train_set, collate, precision, 
     tokens = batch["input_ids"].numel()
     if accelerator.is_main_process:
         print(f"train.grad_checkpointing auto: probing a step of the heaviest micro-batch ({tokens:,} tokens)")
-    tiled_mlp = config.train.tiled_mlp
-    ladder = recompute_ladder(model, tiled_mlp)
-    choice = choose_recompute(model, batch, precision, accelerator.device, trainable, tiled_mlp)
+    ladder = recompute_ladder(model, config.train.tiled_mlp)
+    choice = choose_recompute(model, batch, precision, accelerator.device, trainable, ladder)
     # The rungs climbed, one past the top when even the leanest step ran out of memory.
     rung = len(ladder) if choice.ran_out else ladder.index(choice.rung)
     if accelerator.num_processes > 1:  # every process reaches this gather before any raises
         rung = int(accelerator.gather(torch.tensor([rung], device=accelerator.device)).max())
-    return settle_recompute(model, choice, ladder, rung, tokens, tiled_mlp)
+    return settle_recompute(model, choice, ladder, rung, tokens)
 
 
 def loss_line(config: RunConfig, summary) -> str:

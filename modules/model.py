@@ -151,7 +151,7 @@ class RecomputeChoice:
     mode: Recompute  # what train.grad_checkpointing resolves to
     why: str  # for the plan: how it was chosen
     ran_out: bool = False  # auto: even the leanest rung's probe step ran out of memory
-    tiled: int | None = None  # auto's last rung: the MLPs now run in tiles of this many tokens
+    tiled: int | None = None  # tokens per MLP tile: train.tiled_mlp, or auto's last rung
 
     @property
     def rung(self) -> Rung:
@@ -164,13 +164,13 @@ def resolve_recompute(config: RunConfig, device: torch.device, sharded: bool) ->
     auto keeps checkpointing on where there is no GPU memory to budget (the CPU) and where one
     process's peak is not one step's on one whole GPU: FSDP and device_map auto.
     """
-    choice = config.train.grad_checkpointing
+    choice, tiled = config.train.grad_checkpointing, config.train.tiled_mlp
     if choice != "auto":
-        return RecomputeChoice(choice, "")
+        return RecomputeChoice(choice, "", tiled=tiled)
     if device.type != "cuda":
-        return RecomputeChoice(True, "auto: on the CPU")
+        return RecomputeChoice(True, "auto: on the CPU", tiled=tiled)
     if sharded or config.model.device_map:
-        return RecomputeChoice(True, f"auto: under {'FSDP' if sharded else 'device_map'}")
+        return RecomputeChoice(True, f"auto: under {'FSDP' if sharded else 'device_map'}", tiled=tiled)
     return None
 
 
@@ -274,57 +274,57 @@ def climb_recompute(probe, extra: int, budget: int, ladder: tuple[Rung, ...] = R
 
 
 def recompute_ladder(model, tiled_mlp: int | None) -> tuple[Rung, ...]:
-    """The rungs auto may climb for this model: without the tiled one where the MLPs are tiled by
-    train.tiled_mlp already, or where no decoder layer has a dense MLP to tile."""
+    """The rungs auto may climb for this model: each tiled by train.tiled_mlp where it is set, and
+    without auto's tiled rung where there is no dense MLP to tile."""
     from modules.tiling import is_dense_mlp
 
-    dense = any(is_dense_mlp(getattr(layer, "mlp", None)) for layer in decoder_layers(model))
-    return RECOMPUTE_LADDER if dense and not tiled_mlp else RECOMPUTE_LADDER[:-1]
+    if not any(is_dense_mlp(getattr(layer, "mlp", None)) for layer in decoder_layers(model)):
+        return RECOMPUTE_LADDER[:-1]
+    if tiled_mlp:
+        return tuple((mode, tiled_mlp) for mode, _ in RECOMPUTE_LADDER[:-1])
+    return RECOMPUTE_LADDER
 
 
-def use_rung(model, rung: Rung, tiled: bool) -> None:
-    """Put the model on `rung`: its recompute, and its MLPs tiled if the rung tiles and they are not
-    (`tiled`). Tiling cannot be undone, which is why it is the last rung. Compiled layers that ran
-    whole MLPs notice the new MLP forward and compile again (a test checks)."""
+def use_rung(model, rung: Rung) -> None:
+    """Put the model on `rung`: its recompute, and its MLPs in tiles if the rung tiles. Tiling cannot
+    be undone, which is why auto's tiled rung is the last. Compiled layers that ran whole MLPs notice
+    the new MLP forward and compile again (a test checks)."""
     mode, tiles = rung
-    if tiles and not tiled:
+    if tiles:
         tile_decoder_mlps(model, tiles)
     set_recompute(model, mode)
 
 
 def choose_recompute(
-    model, batch: dict, precision: Precision, device: torch.device, trainable: int, tiled_mlp: int | None
+    model, batch: dict, precision: Precision, device: torch.device, trainable: int, ladder: tuple[Rung, ...]
 ) -> RecomputeChoice:
-    """train.grad_checkpointing auto on one GPU: probe the run's heaviest micro-batch, fastest first."""
-    budget = gpu_budget(device)
-    ladder = recompute_ladder(model, tiled_mlp)
+    """train.grad_checkpointing auto on one GPU: probe the run's heaviest micro-batch up `ladder`,
+    fastest first. The model is left on the chosen rung, the last one probed."""
 
     def probe(rung: Rung) -> int | None:
-        use_rung(model, rung, tiled=bool(tiled_mlp))
+        use_rung(model, rung)
         return probe_step(model, batch, rung[0], precision, device)
 
-    choice = climb_recompute(probe, BYTES_AFTER_PROBE * trainable, budget, ladder)
-    use_rung(model, choice.rung, tiled=bool(tiled_mlp) or choice.tiled is not None)
-    return choice
+    return climb_recompute(probe, BYTES_AFTER_PROBE * trainable, gpu_budget(device), ladder)
 
 
 def settle_recompute(
-    model, choice: RecomputeChoice, ladder: tuple[Rung, ...], rung: int, tokens: int, tiled_mlp: int | None
+    model, choice: RecomputeChoice, ladder: tuple[Rung, ...], rung: int, tokens: int
 ) -> RecomputeChoice:
     """Put the model on `rung` of `ladder`: this process's choice, or a leaner one another DDP process
     needed (so all recompute alike); one past the top means even the leanest step ran out of memory."""
     if rung == len(ladder):
-        tiles = ladder[-1][1] or tiled_mlp
+        tiles = ladder[-1][1]
         leanest = "checkpointing offloaded to CPU memory" + (f" and MLPs in tiles of {tiles:,} tokens" if tiles else "")
         raise UserError(
             f"train.grad_checkpointing auto: a step of the heaviest micro-batch ({tokens:,} tokens) ran out of "
             f"GPU memory even with {leanest}. Lower train.micro_batch_size (and raise train.grad_accum_steps to "
-            f"keep the effective batch) or data.max_seq_len{', or train.tiled_mlp' if tiled_mlp else ''}, or use "
-            "a smaller model."
+            f"keep the effective batch) or data.max_seq_len{', set a smaller train.tiled_mlp' if tiles else ''}, "
+            "or use a smaller model."
         )
     if ladder[rung] == choice.rung:
         return choice
-    use_rung(model, ladder[rung], tiled=bool(tiled_mlp) or choice.tiled is not None)
+    use_rung(model, ladder[rung])
     why = f"auto: another process needed it; here {choice.why.removeprefix('auto: ')}"
     return RecomputeChoice(ladder[rung][0], why, tiled=ladder[rung][1])
 

@@ -18,14 +18,16 @@ from torch.utils.checkpoint import checkpoint
 
 
 def tile_mlps(layers: list[torch.nn.Module], tokens: int) -> int:
-    """Make the dense `mlp` of each decoder layer run `tokens` tokens at a time; returns how many it changed.
+    """Make the dense `mlp` of each decoder layer run `tokens` tokens at a time; returns how many there are.
 
     The module tree is untouched (the forward is replaced on each instance), so parameter names,
     and the saved adapter, stay as they were.
     """
     mlps = [layer.mlp for layer in layers if is_dense_mlp(getattr(layer, "mlp", None))]
     for mlp in mlps:
-        mlp.forward = types.MethodType(tiled(type(mlp).forward, tokens), mlp)
+        if getattr(mlp, "tile_tokens", None) != tokens:  # tiled alike already: compiled layers need not recompile
+            mlp.forward = types.MethodType(tiled(type(mlp).forward, tokens), mlp)
+            mlp.tile_tokens = tokens
     return len(mlps)
 
 

@@ -325,29 +325,34 @@ def test_auto_climbs_to_tiled_mlps_only_where_there_are_whole_dense_mlps_to_tile
 
     model, _ = lora_model(tiny_model_dir)
     assert recompute_ladder(model, tiled_mlp=None) == RECOMPUTE_LADDER  # llama: dense MLPs
-    assert recompute_ladder(model, tiled_mlp=4096) == RECOMPUTE_LADDER[:-1]  # tiled by the config already
+    tiled_by_config = ((False, 4096), (True, 4096), ("offload", 4096))  # no tiled rung of its own
+    assert recompute_ladder(model, tiled_mlp=4096) == tiled_by_config
     for layer in model.get_base_model().model.layers:
         layer.mlp.experts = torch.nn.ModuleList()  # what a mixture of experts has: not tiled
-    assert recompute_ladder(model, tiled_mlp=None) == RECOMPUTE_LADDER[:-1]
+    assert recompute_ladder(model, tiled_mlp=None) == recompute_ladder(model, tiled_mlp=4096) == RECOMPUTE_LADDER[:-1]
 
 
 def test_every_ddp_process_settles_on_the_leanest_rung_any_of_them_needed(tiny_model_dir):
-    from modules.model import RECOMPUTE_LADDER, RecomputeChoice, settle_recompute
+    from modules.model import RECOMPUTE_LADDER, RecomputeChoice, settle_recompute, use_rung
 
     ladder = (*RECOMPUTE_LADDER[:-1], ("offload", 32))  # tiles this tiny batch can show
     (batch,) = packed_batches([[60, 36]])  # 96 tokens
     model, _ = lora_model(tiny_model_dir, grad_checkpointing=False)
     model.train()
     mine = RecomputeChoice(False, "auto: a step peaked at 1.0 GiB, within 90% of 80.0 GiB")
-    assert settle_recompute(model, mine, ladder, 0, 96, None) is mine  # nobody needed more
+    assert settle_recompute(model, mine, ladder, 0, 96) is mine  # nobody needed more
     with pytest.raises(UserError, match="even with checkpointing offloaded to CPU memory and MLPs in tiles of 32"):
-        settle_recompute(model, mine, ladder, len(ladder), 96, None)  # one process ran out on every rung
-    settled = settle_recompute(model, mine, ladder, 3, 96, None)  # another process needed the tiled rung
+        settle_recompute(model, mine, ladder, len(ladder), 96)  # one process ran out on every rung
+    settled = settle_recompute(model, mine, ladder, 3, 96)  # another process needed the tiled rung
     assert settled.rung == ("offload", 32) and "another process needed it" in settled.why
     assert is_checkpointing(model.get_base_model())
     calls = count_mlp_passes(model)
     model(**batch)  # a training forward
     assert len(calls) == 3  # tiled here too: 3 tiles of 32 (a whole MLP is one pass)
+    mlp = model.get_base_model().model.layers[0].mlp
+    forward = mlp.forward
+    use_rung(model, ("offload", 32))  # as every probe does: tiled alike already, left as it is
+    assert mlp.forward is forward  # so compiled layers need not recompile
 
 
 def count_mlp_passes(model) -> list[int]:
@@ -366,7 +371,7 @@ def test_the_tiled_rung_tiles_mlps_that_compiled_layers_already_ran_whole(tiny_m
     model.train()
     compile_decoder_layers(model)
     loss, gradients = loss_and_gradients(model, batch)  # compiled, whole MLPs
-    use_rung(model, ("offload", 32), tiled=False)
+    use_rung(model, ("offload", 32))
     assert is_checkpointing(model.get_base_model())
     calls = count_mlp_passes(model)  # the compiled graph runs a whole MLP without calling its hooks
     model(**batch)
