@@ -347,7 +347,6 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         if signalled:
             stop_reason = f"stopped by {signal.Signals(stop.signum).name}"
     bar.close()
-    StopSignal.restore()
 
     # ---- The end: save the adapter atomically, show what changed, close the trackers ----
     accelerator.wait_for_everyone()
@@ -395,6 +394,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     del model, offload
     accelerator.free_memory()
     accelerator.end_training()
+    StopSignal.restore()  # only now: a second signal during the final saves still exits at once
     return TrainResult(
         model=peft_model, tokenizer=tokenizer, output_dir=output_dir, losses=losses, stopped_by=stop.signum
     )
