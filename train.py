@@ -201,7 +201,7 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         config, source, tokenizer, precision, attention, accelerator.device, data.trainable_token_ids, sharded, compiled
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    spread = placement(model)  # device_map auto: which GPU holds which modules
+    spread = placement(model, torch.cuda.device_count()) if config.model.device_map else None
     resized_embeddings = len(tokenizer) > summary.vocab_size  # PEFT then saves the embeddings with the adapter
     if config.data.packing:  # varlen kernels take the sample boundaries; sdpa/eager read them from position_ids
         collate = PackedCollator(varlen_kwargs=attention in ("flash_attention_2", VARLEN))
@@ -556,7 +556,7 @@ def devices_line(config: RunConfig, state) -> str:
     if config.model.device_map and state.device.type != "cuda":
         return "one process, device_map auto: no GPU, so the whole model is on the CPU"
     if config.model.device_map:
-        return f"one process, layers spread over {torch.cuda.device_count()} GPU(s) by device_map auto{gpu}"
+        return f"one process, device_map auto over {torch.cuda.device_count()} GPU(s){gpu}"
     if fsdp_launch():
         sharding = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
         samples = "; eval.sample_prompts skipped (a sharded model cannot generate on one process)"

@@ -565,13 +565,18 @@ def count_4bit_linears(model: torch.nn.Module) -> int:
     return sum(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
 
 
-def placement(peft_model) -> str | None:
-    """Where the decoder layers are when device_map spread them over several devices, read from the
-    layers' own weights (where their forward runs) rather than from the loader's plan."""
+def placement(peft_model, gpus: int) -> str:
+    """Where device_map auto put the decoder layers, read from the layers' own weights (where their
+    forward runs) rather than from the loader's plan. A model small enough for one GPU lands whole on
+    one of the `gpus` visible; the line then says that data parallel is the way to use the others."""
     from collections import Counter
 
     devices = Counter(next(layer.parameters()).device for layer in decoder_layers(peft_model))
-    if len(devices) < 2:
-        return None
     name = {device: f"GPU {device.index}" if device.type == "cuda" else device.type for device in devices}
-    return ", ".join(f"{count} layer(s) on {name[device]}" for device, count in sorted(devices.items(), key=str))
+    where = ", ".join(f"{count} layer(s) on {name[device]}" for device, count in sorted(devices.items(), key=str))
+    if len(devices) == 1 and gpus > 1:
+        where += (
+            f" (the model fits one GPU, so device_map auto left the other {gpus - 1} idle; without "
+            "model.device_map, accelerate launch --multi_gpu trains a copy on each)"
+        )
+    return where

@@ -426,9 +426,10 @@ def test_placement_names_the_devices_that_hold_the_decoder_layers():
 
     shape = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
     model = get_peft_model(LlamaForCausalLM(shape), LoraConfig(target_modules=["q_proj"]))  # unquantized: can move
-    assert placement(model) is None  # one device: nothing to say
+    assert placement(model, gpus=0) == "3 layer(s) on cpu"
+    assert "device_map auto left the other 1 idle" in placement(model, gpus=2)  # fits one: says to go data parallel
     model.get_base_model().model.layers[2].to("meta")  # the CPU's stand-in for a second GPU
-    assert placement(model) == "2 layer(s) on cpu, 1 layer(s) on meta"
+    assert placement(model, gpus=2) == "2 layer(s) on cpu, 1 layer(s) on meta"
 
 
 def test_the_probe_batch_is_the_heaviest_micro_batch_packed_or_padded():

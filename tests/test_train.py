@@ -234,5 +234,7 @@ def test_device_map_auto_in_one_process_trains_like_the_default(tmp_path, tiny_m
     spread = train_in_process(
         tmp_path, tiny_model_dir, chat_file, "spread", "train.max_steps=4", "model.device_map=auto"
     )
-    assert "device_map auto" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "device_map auto: no GPU, so the whole model is on the CPU" in out
+    assert "2 layer(s) on cpu" in out  # the placement row: where the layers really went
     assert spread.losses == pytest.approx(default.losses, rel=1e-6)  # one device here: the same placement
