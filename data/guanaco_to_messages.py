@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modules.checkpoint import write_text_atomic  # noqa: E402
 from modules.data import read_rows  # noqa: E402
 from modules.errors import UserError, report_user_error  # noqa: E402
+from modules.outputs import write_text_atomic  # noqa: E402
 
 TURN = re.compile(r"###\s*(Human|Assistant):")
 ROLE = {"Human": "user", "Assistant": "assistant"}

@@ -14,6 +14,7 @@ import yaml
 from safetensors import safe_open
 
 from modules.errors import UserError
+from modules.model import same_4bit_numerics_on_every_cpu
 from modules.sources import resolve_model_source
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -49,7 +50,15 @@ def inspect_adapter(folder: Path, base_override: str | None = None) -> AdapterIn
             f"{folder} has no tokenizer (tokenizer_config.json missing); qlora-loop saves one with every "
             "adapter. Copy the training tokenizer into the folder."
         )
-    config = json.loads((folder / "adapter_config.json").read_text())
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(
+            f"{folder}/adapter_config.json is not valid JSON ({error}); the adapter folder is damaged. Use a "
+            "checkpoint's adapter folder, or train again."
+        ) from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{folder}/adapter_config.json does not describe a LoRA adapter; give a qlora-loop adapter.")
     base_name = base_override or config.get("base_model_name_or_path")
     if not base_name:
         raise UserError(f"{folder}/adapter_config.json names no base model; pass --base PATH.")
@@ -67,8 +76,19 @@ def inspect_adapter(folder: Path, base_override: str | None = None) -> AdapterIn
 
 
 def _check_shapes(folder: Path, skeleton: torch.nn.Module, base_name: str) -> None:
+    from safetensors import SafetensorError
+
+    weights_file = folder / "adapter_model.safetensors"
+    try:
+        with safe_open(weights_file, framework="pt"):
+            pass  # the header must cover the whole file: a cut-off file fails to open
+    except (SafetensorError, OSError) as error:
+        raise UserError(
+            f"{weights_file} cannot be read ({error}); the file is damaged or cut short. Use a checkpoint's "
+            "adapter folder, or train again."
+        ) from None
     modules = dict(skeleton.named_modules())
-    with safe_open(folder / "adapter_model.safetensors", framework="pt") as weights:
+    with safe_open(weights_file, framework="pt") as weights:
         for key in weights.keys():
             if ".lora_A." not in key and ".lora_B." not in key:
                 continue
@@ -113,6 +133,7 @@ def load_with_adapter(
     base = AutoModelForCausalLM.from_pretrained(
         info.base, quantization_config=quantization, dtype=dtype, device_map={"": device}
     )
+    same_4bit_numerics_on_every_cpu(base)
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:
-        base.resize_token_embeddings(len(tokenizer))  # the run added a pad token; the adapter holds the rows
+        base.resize_token_embeddings(len(tokenizer))  # the run added chat-template tokens; the adapter holds the rows
     return PeftModel.from_pretrained(base, info.folder).eval()

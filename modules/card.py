@@ -4,6 +4,12 @@ from modules.config import RunConfig, dump_config
 from modules.data import DataAudit
 
 
+def loss_line(losses: list[float]) -> str:
+    if not losses:
+        return "no step was logged"
+    return f"{losses[0]:.4f} at the first logged step, {losses[-1]:.4f} at the last"
+
+
 def model_card(
     config: RunConfig, audit: DataAudit, steps: int, losses: list[float], wall_s: float, rows_per_step: int
 ) -> str:
@@ -28,7 +34,7 @@ Trained with qlora-loop: a LoRA adapter on a frozen {base} base.
 | data | `{config.data.train}`: {audit.summary()} |
 | training | {training} |
 | LoRA | r {lora.r}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, on {", ".join(lora.target_modules)} |
-| loss | {losses[0]:.4f} at the first logged step, {losses[-1]:.4f} at the last |
+| loss | {loss_line(losses)} |
 | wall time | {wall_s:.0f} s |
 
 ## Load it

@@ -1,120 +1,130 @@
-"""Writing to output_dir: refuse to clobber an earlier run, and write files and folders atomically."""
+"""Resumable checkpoints: write them atomically, verify them before trusting them, load them back.
 
+    checkpoints/step-000120/
+        adapter/                  the adapter, as PEFT saves it (FSDP: trainable.safetensors, gathered whole)
+        training_state.safetensors    optimizer, scheduler and fp16 loss scaler
+        rng-00000.safetensors     the random generators of each process
+        config.yaml, trainer_state.json
+        checkpoint.json           written last: the size and SHA-256 of every file above
+
+Nothing is pickled. A checkpoint is data a run folder may have been handed by anyone, so every
+file is safetensors (tensors, plus a JSON description of the nesting around them), JSON or YAML,
+and none can run code when read. accelerate's save_state/load_state are not used for this reason:
+load_state unpickles the scheduler, the sampler and the RNG states.
+"""
+
+import hashlib
 import json
 import os
+import random
 import re
 import shutil
-import signal
-import sys
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from modules.distributed import gather_trainable_state, is_fsdp, whole_state_options
 from modules.errors import UserError
-
-RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "report.png", "adapter", "checkpoints", "wandb")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def claim_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Make sure output_dir holds no earlier run, unless --overwrite says to replace it.
-
-    Only the files a run writes (RUN_ARTIFACTS) count and only those are removed on --overwrite;
-    anything else a user keeps in the folder is left alone.
-    """
-    existing = [name for name in RUN_ARTIFACTS if (output_dir / name).exists()]
-    if existing and not overwrite:
-        raise UserError(
-            f"output_dir {output_dir} already holds a run ({', '.join(existing)}). Choose one: --resume to "
-            f"continue it, another folder (output_dir=runs/new-name), or --overwrite to replace it."
-        )
-    for name in existing:
-        path = output_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
-    os.chmod(handle.name, 0o666 & ~_umask())  # temp files are private; the result should not be
-    os.replace(handle.name, path)
-
-
-def write_dir_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Let `write` fill a temporary folder beside `path`, then swap it into place by renames."""
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    os.chmod(staging, 0o777 & ~_umask())
-    try:
-        write(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    previous = path.with_name(f".{path.name}.old")
-    if path.exists():
-        os.replace(path, previous)
-    os.replace(staging, path)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-# ---- Resumable checkpoints: output_dir/checkpoints/step-000120/ ----
+from modules.outputs import room_to_write, write_text_atomic
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
-STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+MANIFEST = "checkpoint.json"  # written last: a checkpoint without it is incomplete
+FORMAT = 2  # 1: accelerate's pickled state (no longer read)
+STATE_FILE = "trainer_state.json"
+TRAINING_STATE = "training_state.safetensors"
+TRAINABLE_FILE = "trainable.safetensors"  # FSDP: the trainable weights, gathered whole
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / "checkpoints" / f"step-{step:06d}"
 
 
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Partial ones (a crash mid-write) are ignored."""
-    folder = output_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if CHECKPOINT_PATTERN.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+def rng_file(process_index: int) -> str:
+    return f"rng-{process_index:05d}.safetensors"
 
 
-def register_adapter_only_state(accelerator) -> None:
-    """Make save_state/load_state keep only the adapter of the model, never the frozen 4-bit base.
+# ---- Nested state as safetensors: tensors in the file, their nesting as JSON in its header ----
 
-    Accelerate would otherwise write the whole model state (gigabytes of base weights per
-    checkpoint) and expect it back on load.
-    """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    def save_adapter(models, weights, folder):
-        for model in models if accelerator.is_main_process else []:  # one writer: the ranks hold equal copies
-            accelerator.unwrap_model(model).save_pretrained(Path(folder) / "adapter", safe_serialization=True)
-        weights.clear()
+def save_tree(path: Path, tree) -> None:
+    """Write nested dicts/lists/tuples of tensors, numbers, strings and None (an optimizer state dict)."""
+    tensors: dict[str, torch.Tensor] = {}
 
-    def load_adapter(models, folder):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            state = load_file(Path(folder) / "adapter" / "adapter_model.safetensors", device=str(accelerator.device))
-            result = set_peft_model_state_dict(model, state)
-            # Trained token rows of an lm_head tied to the embedding are saved twice; the model holds them once.
-            tied = [name for name, module in model.named_modules() if getattr(module, "tied_adapter", None) is not None]
-            unexpected = [key for key in result.unexpected_keys if not any(key.startswith(f"{t}.") for t in tied)]
-            if unexpected:
-                raise UserError(f"checkpoint {folder} holds adapter weights this model lacks: {unexpected[:3]}")
+    def encode(node):
+        if isinstance(node, torch.Tensor):
+            name = str(len(tensors))
+            tensors[name] = node.detach().to("cpu", copy=True).contiguous()
+            return {"tensor": name}
+        if isinstance(node, dict):
+            return {"dict": [[key, encode(value)] for key, value in node.items()]}
+        if isinstance(node, (list, tuple)):
+            return {type(node).__name__: [encode(value) for value in node]}
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return {"value": node}
+        raise TypeError(f"cannot store a {type(node).__name__} in a checkpoint")
 
-    accelerator.register_save_state_pre_hook(save_adapter)
-    accelerator.register_load_state_pre_hook(load_adapter)
+    structure = encode(tree)
+    save_file(tensors, str(path), metadata={"tree": json.dumps(structure)})
+
+
+def load_tree(path: Path, device: str = "cpu"):
+    """The inverse of save_tree. Raises ValueError on a file that does not hold one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=device) as file:
+        structure = json.loads((file.metadata() or {})["tree"])
+        tensors = {name: file.get_tensor(name) for name in file.keys()}
+
+    def decode(node):
+        (kind, value), *rest = node.items()
+        if rest:
+            raise ValueError("malformed entry")
+        if kind == "tensor":
+            return tensors[value]
+        if kind == "dict":
+            return {key: decode(item) for key, item in value}
+        if kind in ("list", "tuple"):
+            items = [decode(item) for item in value]
+            return tuple(items) if kind == "tuple" else items
+        if kind == "value":
+            return value
+        raise ValueError(f"unknown entry {kind!r}")
+
+    return decode(structure)
+
+
+def rng_state() -> dict:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- Writing ----
 
 
 def save_checkpoint(
     accelerator,
     model,
     optimizer,
+    scheduler,
     output_dir: Path,
     step: int,
     trainer_state: dict,
@@ -122,73 +132,211 @@ def save_checkpoint(
     keep: int,
     protect: Path | None = None,
 ) -> Path:
-    """Write a checkpoint under a temporary name on every process, then rename it into place."""
+    """Write a checkpoint under a temporary name on every process, verify-stamp it, rename it into place."""
     final = checkpoint_dir(output_dir, step)
     staging = final.with_name(final.name + ".partial")  # the same name on every process
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    save_training_state(accelerator, model, optimizer, staging)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (staging / "config.yaml").write_text(config_text)
-        (staging / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        for old in complete_checkpoints(output_dir)[:-keep]:
-            if old != protect:
-                shutil.rmtree(old)
+    with room_to_write(f"checkpoint {final.name}", final.parent, lambda: newest_intact(output_dir)):
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        save_training_state(accelerator, model, optimizer, scheduler, staging)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            try:
+                (staging / "config.yaml").write_text(config_text)
+                (staging / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+                write_manifest(staging, step)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)  # the earlier checkpoints stay as they were
+                raise
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            for old in complete_checkpoints(output_dir)[:-keep]:
+                if old != protect:
+                    shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
-def save_training_state(accelerator, model, optimizer, folder: Path) -> None:
-    """Adapter, optimizer, scheduler, scaler, sampler and RNG of every process, as accelerate's save_state.
+def save_training_state(accelerator, model, optimizer, scheduler, folder: Path) -> None:
+    """Adapter, optimizer, scheduler and scaler (main process), and the RNG states of every process.
 
-    Under FSDP, save_state would write every shard of the frozen 4-bit base; there the trainable
-    weights and optimizer are gathered whole instead, and accelerate writes the rest.
+    Under FSDP the trainable weights and the optimizer state are gathered whole (a collective),
+    so the files do not depend on the FSDP settings that wrote them, and the frozen 4-bit base
+    is never written.
     """
-    from accelerate.checkpointing import save_accelerator_state
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    from modules.distributed import is_fsdp, save_sharded_training_state
+    sharded = is_fsdp(model)
+    if sharded:
+        weights = gather_trainable_state(model)
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=whole_state_options())
+    if accelerator.is_main_process:
+        if sharded:
+            save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(folder / TRAINABLE_FILE))
+        else:
+            optimizer_state = optimizer.state_dict()
+            accelerator.unwrap_model(model).save_pretrained(folder / "adapter", safe_serialization=True)
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "scaler": scaler}
+        save_tree(folder / TRAINING_STATE, state)
+    save_tree(folder / rng_file(accelerator.process_index), rng_state())
 
-    if not is_fsdp(model):
-        accelerator.save_state(str(folder))
-        return
-    save_sharded_training_state(model, optimizer, folder, accelerator.is_main_process)
-    save_accelerator_state(
-        str(folder),
-        [],
-        [],
-        accelerator._schedulers,
-        accelerator._dataloaders,
-        accelerator.process_index,
-        accelerator.step,
-        accelerator.scaler,
+
+def write_manifest(folder: Path, step: int) -> None:
+    """checkpoint.json: every file's size and SHA-256, so damage is found before a resume trusts it."""
+    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.name != MANIFEST)
+    manifest = {
+        "format": FORMAT,
+        "step": step,
+        "files": {
+            str(path.relative_to(folder)): {"bytes": path.stat().st_size, "sha256": sha256(path)} for path in files
+        },
+    }
+    write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- Finding and verifying ----
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoint folders that finished writing, oldest first. Partial ones (a crash mid-write) are ignored."""
+    folder = output_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if CHECKPOINT_PATTERN.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def _candidates(output_dir: Path) -> list[Path]:
+    """Complete checkpoints and those of the older pickled format, newest first."""
+    folder = output_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if CHECKPOINT_PATTERN.match(p.name) and (p / STATE_FILE).is_file()]
+    found += [p for p in complete_checkpoints(output_dir) if p not in found]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)), reverse=True)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None when every file is as its manifest recorded."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        if (folder / "random_states_0.pkl").is_file() or (folder / "optimizer.bin").is_file():
+            return "it was written by an older qlora-loop as pickles, which are not loaded (they could run code)"
+        return f"{MANIFEST} is missing (the checkpoint was not finished)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        sizes_and_digests = [(entry["bytes"], entry["sha256"]) for entry in files.values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    if manifest.get("format") != FORMAT or not all(isinstance(size, int) for size, _ in sizes_and_digests):
+        return f"{MANIFEST} is not of format {FORMAT}"
+    needed = [STATE_FILE, "config.yaml", TRAINING_STATE, rng_file(0)]
+    missing = [name for name in needed if name not in files]
+    if missing:
+        return f"{MANIFEST} lists no {', '.join(missing)}"
+    for name, expected in files.items():
+        path = folder / name
+        if ".." in Path(name).parts or not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} has {size:,} bytes, {expected['bytes']:,} when written (truncated or replaced)"
+        if sha256(path) != expected["sha256"]:
+            return f"{name} differs from what was written (its SHA-256 does not match)"
+    return None
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a --resume continues from, and the newer ones passed over as damaged."""
+
+    folder: Path
+    passed_over: list[str] = field(default_factory=list)
+
+
+def find_resume_checkpoint(resume: str, output_dir: Path | None) -> ResumePoint:
+    """The named checkpoint (--resume PATH), or the newest intact one in output_dir (--resume)."""
+    if resume:
+        path = Path(resume)
+        if not path.is_dir():
+            raise UserError(f"--resume {path}: no such checkpoint folder.")
+        problem = checkpoint_problem(path)
+        if problem:
+            others = [p for p in _candidates(path.parent.parent) if p != path and not checkpoint_problem(p)]
+            hint = f" The newest intact one there is {others[0]}." if others else ""
+            raise UserError(f"--resume {path}: this checkpoint cannot be used: {problem}.{hint}")
+        return ResumePoint(path)
+    passed_over = []
+    for candidate in _candidates(output_dir):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return ResumePoint(candidate, passed_over)
+        passed_over.append(f"{candidate.name}: {problem}")
+    if passed_over:
+        raise UserError(
+            f"--resume: no checkpoint in {output_dir}/checkpoints can be used:\n  "
+            + "\n  ".join(passed_over)
+            + "\nStart again with --overwrite (or another output_dir)."
+        )
+    raise UserError(
+        f"--resume: {output_dir}/checkpoints holds no complete checkpoint. Start without --resume, "
+        "or pass --resume PATH to a checkpoint folder."
     )
 
 
-def load_training_state(accelerator, model, optimizer, folder: Path) -> None:
-    """The inverse of save_training_state."""
-    from accelerate.checkpointing import load_accelerator_state
+def newest_intact(output_dir: Path) -> Path | None:
+    return next((p for p in reversed(complete_checkpoints(output_dir)) if checkpoint_problem(p) is None), None)
 
-    from modules.distributed import is_fsdp, load_sharded_training_state
 
-    if not is_fsdp(model):
-        accelerator.load_state(str(folder))
-        return
-    load_sharded_training_state(model, optimizer, folder)
-    load_accelerator_state(
-        str(folder),
-        [],
-        [],
-        accelerator._schedulers,
-        accelerator._dataloaders,
-        accelerator.process_index,
-        accelerator.scaler,
-    )
+# ---- Loading ----
+
+
+def load_training_state(accelerator, model, optimizer, scheduler, folder: Path) -> None:
+    """The inverse of save_training_state, from a checkpoint that checkpoint_problem passed."""
+    from peft import set_peft_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    try:
+        state = load_tree(folder / TRAINING_STATE)
+        rng = load_tree(folder / rng_file(accelerator.process_index))
+        if is_fsdp(model):
+            weights = load_file(str(folder / TRAINABLE_FILE))
+            options = StateDictOptions(full_state_dict=True, strict=False)
+            set_state_dict(
+                model, optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"], options=options
+            )
+        else:
+            peft_model = accelerator.unwrap_model(model)
+            weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"), device=str(accelerator.device))
+            result = set_peft_model_state_dict(peft_model, weights)
+            # Trained token rows of an lm_head tied to the embedding are saved twice; the model holds them once.
+            tied = [n for n, m in peft_model.named_modules() if getattr(m, "tied_adapter", None) is not None]
+            unexpected = [key for key in result.unexpected_keys if not any(key.startswith(f"{t}.") for t in tied)]
+            if unexpected:
+                raise UserError(f"checkpoint {folder} holds adapter weights this model lacks: {unexpected[:3]}")
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if accelerator.scaler is not None and state["scaler"] is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        set_rng_state(rng)
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as error:
+        raise UserError(
+            f"checkpoint {folder} could not be loaded ({type(error).__name__}: {str(error).splitlines()[0][:300]}). "
+            "Resume from an earlier checkpoint with --resume PATH."
+        ) from None
 
 
 @dataclass
@@ -206,63 +354,34 @@ class RunProgress:
 
     @classmethod
     def read(cls, checkpoint: Path) -> "RunProgress":
-        return cls(**json.loads((checkpoint / STATE_FILE).read_text()))
+        try:
+            progress = cls(**json.loads((checkpoint / STATE_FILE).read_text()))
+        except (OSError, ValueError, TypeError):
+            progress = None
+        counters = (progress.optimizer_step, progress.micro_step, progress.processes) if progress else ()
+        if not counters or not all(isinstance(n, int) and n >= 0 for n in counters):
+            raise UserError(f"checkpoint {checkpoint}: {STATE_FILE} does not hold the run's counters.")
+        return progress
 
 
-def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
-    """None without --resume; else the named checkpoint or the newest complete one in output_dir."""
-    if resume is None:
-        return None
-    if resume:
-        path = Path(resume)
-        if not (path / STATE_FILE).is_file():
-            raise UserError(f"--resume {path}: not a complete checkpoint ({STATE_FILE} missing).")
-        return path
-    found = complete_checkpoints(output_dir)
-    if not found:
-        raise UserError(
-            f"--resume: {output_dir}/checkpoints holds no complete checkpoint. Start without --resume, "
-            "or pass --resume PATH to a checkpoint folder."
-        )
-    return found[-1]
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a line cut short by a kill mid-write is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
 
 
-def keep_metrics_through(path: Path, step: int) -> None:
-    """Drop the lines an interrupted run logged after the checkpoint it resumes from."""
+def keep_metrics_through(path: Path, step: int) -> list[dict]:
+    """Drop the lines an interrupted run logged after the checkpoint it resumes from; return those kept."""
+    kept = [record for record in read_metrics(path) if record["step"] <= step]
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        write_text_atomic(path, "".join(line + "\n" for line in lines))
-
-
-class StopSignal:
-    """SIGTERM/SIGINT: finish the current optimizer step, checkpoint, exit. A second signal exits at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            os._exit(128 + signum)
-        self.signum = signum
-        print(
-            f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-            "(signal again to exit now).",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def requested(self, accelerator) -> bool:
-        """True on every process once any process got a signal (one tiny all-reduce per step)."""
-        import torch
-
-        flag = torch.tensor(float(self.signum or 0), device=accelerator.device)
-        received = int(accelerator.reduce(flag, "max").item())
-        self.signum = self.signum or (received or None)
-        return received > 0
-
-    @staticmethod
-    def restore() -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
+    return kept

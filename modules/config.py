@@ -44,7 +44,8 @@ FAMILIAR_NAMES = {
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: .inf and .nan are valid YAML floats, and no key of ours means anything by them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -163,10 +164,17 @@ class TrainConfig(Section):
         description="Cross-entropy by chunks of trained positions, never the whole batch's logits (exact; on for "
         "llama, mistral, qwen2, qwen3, phi3; other architectures use their own loss).",
     )
-    seed: int = Field(42, description="Seed of data order, LoRA init and dropout.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed of data order, LoRA init and dropout.")
     max_skipped_steps_in_row: int = Field(
         5, ge=1, description="Steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run."
     )
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_below_one(cls, value):
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError("two numbers in [0, 1), such as [0.9, 0.999]")
+        return value
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -259,7 +267,7 @@ def load_config(path: Path, overrides: list[str]) -> RunConfig:
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise UserError(_explain(error, path)) from None
+        raise UserError(_explain(error, path, overrides)) from None
     problems = cross_field_problems(config)
     if problems:
         raise UserError(f"{path}: the config has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
@@ -365,19 +373,26 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[leaf] = value
 
 
-def _explain(error: ValidationError, path: Path) -> str:
-    lines = [f"{path}: {error.error_count()} config error(s):"]
+def _explain(error: ValidationError, path: Path, overrides: list[str] = ()) -> str:
+    """Each problem with its key and value; a key given on the command line is named by its override."""
+    given = {override.partition("=")[0]: override for override in overrides}
+    lines, sources = [], set()
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
+        where = f"override {given[key]}: " if key in given else ""
+        sources.add("the command line" if key in given else str(path))
         if item["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key {key!r}{_did_you_mean(item['loc'])}")
+            lines.append(f"  - {where}unknown key {key!r}{_did_you_mean(item['loc'])}")
         elif item["type"] == "missing":
             lines.append(f"  - missing required key {key!r}: {_describe(item['loc'])}")
         else:
             allowed = item["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
-            lines.append(f"  - {key} = {item['input']!r}: must be {allowed}")
-    lines.append("Fix the YAML file or override the key on the command line (key.path=value).")
-    return "\n".join(lines)
+            lines.append(f"  - {where}{key} = {item['input']!r}: must be {allowed}")
+    source = " and ".join(sorted(sources, key=lambda name: name == "the command line"))
+    fix = "Fix the YAML file or override the key on the command line (key.path=value)."
+    if sources == {"the command line"}:
+        fix = "Fix the key.path=value override(s) on the command line."
+    return "\n".join([f"{source}: {error.error_count()} config error(s):", *lines, fix])
 
 
 def _section_for(loc: tuple) -> type[BaseModel] | None:

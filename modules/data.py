@@ -10,6 +10,7 @@ token of every sample is never a label (nothing precedes it).
 import codecs
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -94,12 +95,49 @@ class DataAudit:
         }
 
     def render_example(self, colour: bool) -> str:
-        """The example sample with trained tokens told apart: green in a terminal, [[...]] in logs."""
+        """The example sample with trained tokens told apart: green in a terminal, [[...]] in logs.
+
+        A long sample shows its start, its first trained span and its end, with what lies between elided.
+        """
+        pieces = elide(self.example)
         if colour:
             return "".join(
-                f"\033[32m{text}\033[0m" if trained else f"\033[2m{text}\033[0m" for text, trained in self.example
+                text if trained is None else f"\033[32m{text}\033[0m" if trained else f"\033[2m{text}\033[0m"
+                for text, trained in pieces
             )
-        return "".join(f"[[{text}]]" if trained else text for text, trained in self.example)
+        return "".join(text if trained is None else f"[[{text}]]" if trained else text for text, trained in pieces)
+
+
+EXAMPLE_HEAD, EXAMPLE_TRAINED, EXAMPLE_TAIL = 400, 400, 300  # characters of a long sample that are shown
+
+
+def elide(pieces: list[tuple[str, bool]]) -> list[tuple[str, bool | None]]:
+    """Keep a long sample's start, first trained span and end; a (marker, None) piece stands for each gap."""
+    total = sum(len(text) for text, _ in pieces)
+    if total <= EXAMPLE_HEAD + EXAMPLE_TRAINED + EXAMPLE_TAIL:
+        return list(pieces)
+    starts = [0]
+    for text, _ in pieces:
+        starts.append(starts[-1] + len(text))
+    first_trained = next((starts[i] for i, (_, trained) in enumerate(pieces) if trained), 0)
+    wanted = [(0, EXAMPLE_HEAD), (first_trained, first_trained + EXAMPLE_TRAINED), (total - EXAMPLE_TAIL, total)]
+    ranges: list[list[int]] = []
+    for low, high in sorted(wanted):
+        if ranges and low <= ranges[-1][1]:
+            ranges[-1][1] = max(ranges[-1][1], high)
+        else:
+            ranges.append([low, high])
+    shown: list[tuple[str, bool | None]] = []
+    cursor = 0
+    for low, high in ranges:
+        if low > cursor:
+            shown.append((f" [... {low - cursor:,} characters ...] ", None))
+        for (text, trained), start in zip(pieces, starts, strict=False):
+            part = text[max(low - start, 0) : max(high - start, 0)]
+            if part:
+                shown.append((part, trained))
+        cursor = high
+    return shown
 
 
 @dataclass
@@ -117,6 +155,13 @@ def build_datasets(data: DataConfig, tokenizer, seed: int) -> Datasets:
     if data.eval:
         eval_set, _, _ = load_samples(data.eval, data, tokenizer)
     elif data.eval_fraction:
+        held_out = math.ceil(data.eval_fraction * len(train_set))  # as datasets rounds it
+        if held_out < 1 or len(train_set) - held_out < 1:
+            raise UserError(
+                f"data.eval_fraction {data.eval_fraction} of {len(train_set)} usable row(s) of {data.train} leaves "
+                f"{held_out} eval and {len(train_set) - held_out} train row(s); each needs at least one. Use more "
+                "rows, another fraction, or give data.eval."
+            )
         split = train_set.train_test_split(test_size=data.eval_fraction, seed=seed)
         train_set, eval_set = split["train"], split["test"]
     audit.eval_rows = len(eval_set) if eval_set is not None else 0
@@ -181,17 +226,54 @@ def _files_digest(files: list[Path]) -> str:
 
 
 def _load_files(files: list[Path], kind: str):
+    import logging
+
     import datasets
 
+    # datasets logs its own error before raising; the UserError below says it with the file and line.
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     for path in files:
         _check_utf8(path)  # pyarrow reads invalid UTF-8 without complaint and fails much later
+        _check_not_empty(path)
     try:
         return datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
     except Exception as error:
         if kind == "json":
             for path in files:
                 _find_bad_line(path)  # raises a UserError naming the line when a file is malformed
+            _check_same_keys(files)
         raise UserError(f"could not read {', '.join(map(str, files))} as {kind}: {error}") from None
+
+
+def _check_not_empty(path: Path) -> None:
+    if path.suffix == ".parquet":
+        return
+    with open(path, "rb") as handle:
+        if any(line.strip() for line in handle):
+            return
+    raise UserError(
+        f"data file {path} is empty (it holds no rows, only {'whitespace' if path.stat().st_size else 'nothing'}). "
+        "Give a file with one JSON object per line (see Data formats in the README), or remove it."
+    )
+
+
+def _check_same_keys(files: list[Path]) -> None:
+    """Files of one folder are read as one table: their rows must share one format."""
+    keys_by_file = {}
+    for path in files:
+        first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "")
+        try:
+            row = json.loads(first) if path.suffix == ".jsonl" else None
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            keys_by_file[path.name] = sorted(row)
+    if len({tuple(keys) for keys in keys_by_file.values()}) > 1:
+        found = "; ".join(f"{name}: {keys}" for name, keys in keys_by_file.items())
+        raise UserError(
+            f"data folder {files[0].parent} mixes row formats (first row keys by file: {found}). Put files of "
+            "one format in a folder, or convert them to one format (see Data formats in the README)."
+        )
 
 
 def _load_hub(spec: str):
@@ -264,9 +346,9 @@ def prepare_chat_template(tokenizer, choice: str, chat: bool) -> tuple[str, list
     tokenizer.add_special_tokens({"additional_special_tokens": list(CHATML_TOKENS)})
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.eos_token = CHATML_TOKENS[1]
-    from modules.model import ensure_distinct_pad
+    from modules.model import choose_pad_token
 
-    ensure_distinct_pad(tokenizer)
+    choose_pad_token(tokenizer)
     ids = tokenizer.convert_tokens_to_ids(list(CHATML_TOKENS))
     return f"ChatML (the tokenizer has none; {' and '.join(CHATML_TOKENS)} rows are trained)", ids
 
@@ -403,10 +485,28 @@ def tokenize_chat(example: Example, tokenizer, train_on: str) -> tuple[list[int]
     return encoded["input_ids"], labels
 
 
+def render_chat(tokenizer, messages: list[dict], **options) -> str:
+    """The tokenizer's chat template applied (transformers runs it in Jinja's sandbox).
+
+    A template is code from the model's files: one that fails, raises on purpose, or reaches for
+    what the sandbox forbids is a UserError naming the row (tokenize_rows adds it), never a traceback.
+    """
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except TemplateError as error:
+        raise UserError(
+            f"the chat template failed on this row ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
+            "The template comes from the model's tokenizer files (chat_template); fix it there, or set "
+            "data.chat_template: chatml."
+        ) from None
+
+
 def chat_spans(example: Example, tokenizer, train_on: str) -> tuple[str, list[tuple[int, int]]]:
     """Render the conversation; return it with the character spans to train."""
     messages = example.messages
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = render_chat(tokenizer, messages)
     if train_on == "all":
         return text, [(0, len(text))]
     turns = example.trained_turns
@@ -417,8 +517,8 @@ def chat_spans(example: Example, tokenizer, train_on: str) -> tuple[str, list[tu
         turns = turns[-1:]
     spans = []
     for index in turns:
-        before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        before = render_chat(tokenizer, messages[:index], add_generation_prompt=True)
+        through = render_chat(tokenizer, messages[: index + 1])
         if not (text.startswith(before) and text.startswith(through)):
             raise UserError(
                 "the chat template renders earlier turns differently once later turns follow (for example it "

@@ -115,7 +115,7 @@ def canonical_name(name: str) -> str:
     return name.removeprefix("module.").replace("_fsdp_wrapped_module.", "")
 
 
-def _whole_state_options(frozen_too: bool = False):
+def whole_state_options(frozen_too: bool = False):
     """torch.distributed.checkpoint options for a full (unsharded) state dict."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -136,7 +136,7 @@ def gather_trainable_state(model: torch.nn.Module, frozen_too: bool = False) -> 
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if frozen_too or not is_fsdp(model):
-        state = get_model_state_dict(model, options=_whole_state_options(frozen_too))
+        state = get_model_state_dict(model, options=whole_state_options(frozen_too))
         return {canonical_name(name): tensor.detach().cpu() for name, tensor in state.items()}
     gathered = {}
     for unit_name, unit in model.named_modules():
@@ -186,38 +186,4 @@ def is_fsdp(model: torch.nn.Module) -> bool:
 
     return isinstance(model, FullyShardedDataParallel) or any(
         isinstance(module, FullyShardedDataParallel) for module in model.modules()
-    )
-
-
-TRAINABLE_FILE = "trainable_state.pt"
-OPTIMIZER_FILE = "optimizer_full.pt"
-
-
-def save_sharded_training_state(model, optimizer, folder: Path, is_main: bool) -> None:
-    """FSDP checkpoints: the trainable weights and AdamW state, gathered whole (a collective).
-
-    Small for LoRA (the adapter plus two moments). Whole rather than per-shard, so the files do
-    not depend on the FSDP settings that wrote them.
-    """
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    weights = gather_trainable_state(model)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=_whole_state_options())
-    if is_main:
-        torch.save(weights, folder / TRAINABLE_FILE)
-        torch.save(optimizer_state, folder / OPTIMIZER_FILE)
-
-
-def load_sharded_training_state(model, optimizer, folder: Path) -> None:
-    """Every process reads the whole state; FSDP keeps its own shard of it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    weights = torch.load(folder / TRAINABLE_FILE, map_location="cpu", weights_only=True)
-    optimizer_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=weights,
-        optim_state_dict=optimizer_state,
-        options=StateDictOptions(full_state_dict=True, strict=False),
     )

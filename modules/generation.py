@@ -2,6 +2,7 @@
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,19 +40,37 @@ def reply(model, tokenizer, messages: list[dict], settings: GenerationSettings, 
 
 
 def compare_answers(
-    peft_model, tokenizer, prompts: list[str], max_new_tokens: int, base_answers: list[str] | None = None
+    peft_model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    base_answers: list[str] | None = None,
+    on_answer: Callable[[int, str, str], None] | None = None,
 ) -> list[dict]:
-    """One row per prompt: the base model's greedy answer (adapter disabled; reused when given) and the tuned one."""
+    """One row per prompt: the base model's greedy answer (adapter disabled; reused when given) and the tuned one.
+
+    Prompt by prompt, so `on_answer(index, side, text)` can show each answer as it comes: side is
+    "prompt" before the prompt's answers are generated, then "base" and "tuned".
+    """
     settings = GenerationSettings(max_new_tokens=max_new_tokens, greedy=True)
-    conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
+    tell = on_answer or (lambda index, side, text: None)
     was_training = peft_model.training
     peft_model.eval()
-    if base_answers is None:
-        with peft_model.disable_adapter():
-            base_answers = [reply(peft_model, tokenizer, c, settings) for c in conversations]
-    tuned = [reply(peft_model, tokenizer, c, settings) for c in conversations]
+    rows = []
+    for index, prompt in enumerate(prompts):
+        conversation = [{"role": "user", "content": prompt}]
+        tell(index, "prompt", prompt)
+        if base_answers is None:
+            with peft_model.disable_adapter():
+                base = reply(peft_model, tokenizer, conversation, settings)
+        else:
+            base = base_answers[index]
+        tell(index, "base", base)
+        tuned = reply(peft_model, tokenizer, conversation, settings)
+        tell(index, "tuned", tuned)
+        rows.append({"prompt": prompt, "base": base, "tuned": tuned})
     peft_model.train(was_training)
-    return [{"prompt": p, "base": b, "tuned": t} for p, b, t in zip(prompts, base_answers, tuned, strict=True)]
+    return rows
 
 
 class SampleWriter:

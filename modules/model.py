@@ -401,15 +401,18 @@ def load_tokenizer(source: str):
     if not tokenizer.is_fast:
         raise UserError(f"{source}: the tokenizer has no fast (Rust) version, which label masking needs.")
     tokenizer.padding_side = "right"
-    ensure_distinct_pad(tokenizer)
+    choose_pad_token(tokenizer)
     return tokenizer
 
 
-def ensure_distinct_pad(tokenizer) -> None:
-    """Make the pad token differ from EOS, so no masking of padding can ever hide a real EOS label.
+def choose_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token from its own vocabulary; never add one.
 
-    Prefers an existing unused special token (one named like a pad, then unk, then bos); adds a new
-    `<|pad|>` only when the vocabulary has none, in which case the embeddings are resized at load.
+    Padding is masked by position (labels -100 past each row's length, attention mask 0), so any
+    token can pad, EOS included, and a real EOS is still trained. An unused special token is
+    preferred where one exists (one named like a pad, then unk, then bos) so that logs read clearly.
+    A new token would grow the embeddings, and the adapter would then no longer load onto the
+    unmodified base with the standard PEFT idiom (nor merge onto it, nor serve in vLLM or llama.cpp).
     """
     eos = tokenizer.eos_token
     if tokenizer.pad_token is not None and tokenizer.pad_token != eos:
@@ -420,11 +423,11 @@ def ensure_distinct_pad(tokenizer) -> None:
         for token in tokenizer.added_tokens_decoder.values()
         if token.special and "pad" in token.content.lower() and token.content != eos
     ]
-    for candidate in [*named_pad, tokenizer.unk_token, tokenizer.bos_token]:
-        if candidate is not None and candidate != eos and (candidate in special or candidate in named_pad):
+    for candidate in [*named_pad, tokenizer.unk_token, tokenizer.bos_token, eos]:
+        if candidate is not None and (candidate in special or candidate in named_pad or candidate == eos):
             tokenizer.pad_token = candidate
             return
-    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)  # no special token at all: any token pads
 
 
 @dataclass(frozen=True)
@@ -515,10 +518,11 @@ def load_model(
         max_memory=config.model.max_memory,
         attn_implementation=attention,
     )
+    same_4bit_numerics_on_every_cpu(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        # Only when a <|pad|> had to be added. Exactly len(tokenizer) rows, as PEFT's
-        # AutoPeftModelForCausalLM resizes the base on reload; PEFT then saves the resized
-        # embedding and lm_head with the adapter.
+        # Only when ChatML's tokens were added to a base without a template. Exactly len(tokenizer)
+        # rows, as PEFT's AutoPeftModelForCausalLM resizes the base on reload; PEFT then saves the
+        # resized embedding and lm_head with the adapter.
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
@@ -557,6 +561,20 @@ def token_rows(model, token_ids: list[int]) -> dict[str, list[int]]:
     if output is not None and output.weight is not model.get_input_embeddings().weight:
         rows[names[output]] = list(token_ids)
     return rows
+
+
+def same_4bit_numerics_on_every_cpu(model: torch.nn.Module) -> None:
+    """Keep each 4-bit weight in the layout and kernels training uses, whatever the CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight into a CPU-only
+    layout with its own bf16 kernel the first time the layer runs in eval mode without grad. Evaluation,
+    generation and FSDP's state dicts then see other numbers, or a layout they cannot save, than
+    training did (eval losses off by 1e-3 relative, logits by 0.1 on the tiny test model). With the
+    repacking off, every CPU runs the same dequantize-and-matmul as training.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def count_4bit_linears(model: torch.nn.Module) -> int:

@@ -25,9 +25,15 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Indices of `lengths` grouped into bins of total length <= capacity, longest first.
 
     Each sample goes into the fullest bin it still fits in (best fit). Bins are found through a
-    Fenwick tree over free space, so packing a million samples takes seconds, not hours.
+    Fenwick tree over free space, so packing a million samples takes seconds, not hours. The tree
+    spans no more slots than the samples hold tokens (no bin can hold more), so its memory grows
+    with the data, not with a huge capacity.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    too_long = next((i for i in order if lengths[i] > capacity), None)
+    if too_long is not None:
+        raise ValueError(f"sample {too_long} has {lengths[too_long]} tokens, more than the bin capacity {capacity}")
+    capacity = min(capacity, sum(lengths))
     tree = [0] * (capacity + 1)  # counts of bins by free space 1..capacity
     by_space: dict[int, list[int]] = {}
     bins: list[list[int]] = []
@@ -55,8 +61,6 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
     for index in order:
         size = lengths[index]
-        if size > capacity:
-            raise ValueError(f"sample {index} has {size} tokens, more than the bin capacity {capacity}")
         below = count_below(size)
         if below < count_below(capacity + 1):
             space = kth(below + 1)  # the tightest bin with room

@@ -17,7 +17,8 @@ from modules.errors import UserError
 
 
 def resolve_wandb_mode(wandb: WandbConfig) -> str:
-    """auto: online with credentials, offline without (a run never fails for lack of a key)."""
+    """auto: online with credentials and a reachable server, else offline (a run never fails for
+    lack of a key or a network); online that cannot reach the server is refused before weights load."""
     installed = importlib.util.find_spec("wandb") is not None
     mode = wandb.mode
     if mode == "auto":
@@ -28,9 +29,52 @@ def resolve_wandb_mode(wandb: WandbConfig) -> str:
                 file=sys.stderr,
             )
             return "disabled"
+        unreachable = wandb_unreachable() if mode == "online" else None
+        if unreachable:
+            print(
+                f"qlora-loop: warning: W&B credentials found but {unreachable}; logging offline instead "
+                "(`wandb sync` uploads the run later).",
+                file=sys.stderr,
+                flush=True,
+            )
+            return "offline"
     elif mode != "disabled" and not installed:
         raise UserError(f"log.wandb.mode is {mode} but wandb is not installed; `pip install wandb` or use auto.")
+    elif mode == "online" and (unreachable := wandb_unreachable()):
+        raise UserError(
+            f"log.wandb.mode is online but {unreachable}. Check the network (or WANDB_BASE_URL), or use "
+            "log.wandb.mode=offline and `wandb sync` later, or auto to fall back by itself."
+        )
     return mode
+
+
+WANDB_CONNECT_SECONDS = 5.0
+
+
+def wandb_unreachable() -> str | None:
+    """Why the W&B server cannot be reached (name lookup and TCP connect, a few seconds at most), or None.
+
+    wandb itself retries for minutes before it gives up, after the weights have loaded.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    outcome: list[str | None] = []
+
+    def connect() -> None:  # in a thread: a name lookup has no timeout of its own
+        try:
+            socket.create_connection((host, port), timeout=WANDB_CONNECT_SECONDS).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(f"{host}:{port} cannot be reached ({error.strerror or error})")
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(WANDB_CONNECT_SECONDS + 1)
+    return outcome[0] if outcome else f"{host}:{port} did not answer within {WANDB_CONNECT_SECONDS:g} s"
 
 
 def _has_wandb_credentials() -> bool:
@@ -57,6 +101,10 @@ def start_trackers(accelerator, config: RunConfig, wandb_mode: str, output_dir: 
     }
     if run_id:
         init |= {"id": run_id, "resume": "allow"}
+    import wandb
+
+    # quiet: no run history and summary tables at the end (~35 lines); finish_wandb says where the run is.
+    init["settings"] = wandb.Settings(quiet=True)
     accelerator.init_trackers(settings.project, config=config.model_dump(mode="json"), init_kwargs={"wandb": init})
     return accelerator.get_tracker("wandb", unwrap=True) if accelerator.is_main_process else None
 
@@ -93,6 +141,10 @@ def log_samples(run, rows: list[dict], step: int) -> None:
 def finish_wandb(run, summary: dict, adapter_dir: Path | None, log_adapter: bool) -> None:
     if run is None:
         return
+    if run.offline:
+        print(f"W&B: offline run in {Path(run.dir).parent}; upload it with `wandb sync {Path(run.dir).parent}`.")
+    else:
+        print(f"W&B: {run.url}")
     run.summary.update(summary)
     if log_adapter and adapter_dir is not None:
         import wandb

@@ -24,15 +24,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from modules.checkpoint import load_training_state, save_training_state  # noqa: E402
 from modules.config import load_config  # noqa: E402
 from modules.data import IGNORE_INDEX, build_datasets  # noqa: E402
 from modules.distributed import (  # noqa: E402
     adapter_state,
     canonical_name,
     gather_trainable_state,
-    load_sharded_training_state,
     save_adapter,
-    save_sharded_training_state,
     trainable_wrap_policy,
 )
 from modules.model import Precision, inspect_model, load_model, load_tokenizer  # noqa: E402
@@ -111,20 +110,22 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
     eval_rows = next(
         rows for k in range(3, 24) if len(rows := PackedDataset(data.train.samples.select(range(k)), 128)) % 2
     )
-    evaluation = evaluate(Accelerator(cpu=True), model, eval_rows, collate, micro_batch_size=1)
+    accelerator = Accelerator(cpu=True)
+    evaluation = evaluate(accelerator, model, eval_rows, collate, micro_batch_size=1)
     whole = adapter_state(model, resized) if sharded else None
     if rank == 0:
         save_adapter(model.module if distributed else model, whole, out / "adapter")
 
     # A checkpoint round trip: one more step, then back to the checkpoint and the same step again.
     (out / "checkpoint").mkdir(parents=True, exist_ok=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     if sharded:
         dist.barrier()
-        save_sharded_training_state(model, optimizer, out / "checkpoint", rank == 0)
+        save_training_state(accelerator, model, optimizer, scheduler, out / "checkpoint")
         dist.barrier()
     after_once = step_and_gather(step, model, sharded)
     if sharded:
-        load_sharded_training_state(model, optimizer, out / "checkpoint")
+        load_training_state(accelerator, model, optimizer, scheduler, out / "checkpoint")
     after_again = step_and_gather(step, model, sharded) if sharded else after_once
     replay_error = max((after_once[k] - after_again[k]).abs().max().item() for k in after_once)
 

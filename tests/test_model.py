@@ -10,7 +10,7 @@ from modules.config import RunConfig
 from modules.errors import UserError
 from modules.model import (
     Precision,
-    ensure_distinct_pad,
+    choose_pad_token,
     inspect_model,
     is_checkpointing,
     load_model,
@@ -31,21 +31,21 @@ def run_config(model_dir="m", **train) -> RunConfig:
 
 def test_pad_equal_to_eos_is_replaced_by_an_unused_special_token():
     tokenizer = build_tokenizer()  # pad = eos = <|im_end|>, unk = <|endoftext|>
-    ensure_distinct_pad(tokenizer)
+    choose_pad_token(tokenizer)
     assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
 def test_a_pad_named_special_token_is_preferred():
     tokenizer = build_tokenizer(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|finetune_pad|>"))
-    ensure_distinct_pad(tokenizer)
+    choose_pad_token(tokenizer)
     assert tokenizer.pad_token == "<|finetune_pad|>"
 
 
-def test_a_new_pad_token_is_added_when_nothing_else_fits():
-    tokenizer = build_tokenizer(special_tokens=("<|im_start|>", "<|im_end|>"), unk_token=None)
+def test_padding_never_grows_the_vocabulary_eos_pads_when_nothing_else_fits():
+    tokenizer = build_tokenizer(special_tokens=("<|im_start|>", "<|im_end|>"), unk_token=None, pad_token=None)
     before = len(tokenizer)
-    ensure_distinct_pad(tokenizer)
-    assert tokenizer.pad_token == "<|pad|>" and len(tokenizer) == before + 1
+    choose_pad_token(tokenizer)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>" and len(tokenizer) == before
 
 
 def test_precision_on_the_cpu_is_fp32_unless_asked():
@@ -519,3 +519,35 @@ def test_tiled_mlp_is_a_token_count_and_is_refused_under_fsdp():
     check_tiled_mlp(run_config(tiled_mlp=8192), sharded=False)
     with pytest.raises(UserError, match="train.tiled_mlp=null"):
         check_tiled_mlp(run_config(tiled_mlp=8192), sharded=True)
+
+
+@pytest.mark.parametrize("loader", ["training", "chat-and-merge"])
+def test_a_cpu_with_avx512_bf16_cannot_change_what_4bit_layers_compute(tmp_path, tiny_model_dir, monkeypatch, loader):
+    """bitsandbytes repacks 4-bit weights into a CPU-only layout with a bf16 kernel, in eval mode without
+    grad, where it finds AVX512-BF16. Forced on here as on such a CPU: eval and generation must still
+    compute exactly what training does, and the weights keep the layout that state dicts save."""
+    import bitsandbytes.nn.modules
+
+    from modules.adapter import AdapterInfo, load_with_adapter
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)  # this CPU, as bitsandbytes sees it
+    if loader == "training":
+        model, tokenizer = lora_model(tiny_model_dir)
+    else:
+        trained, tokenizer = lora_model(tiny_model_dir)
+        trained.save_pretrained(tmp_path / "adapter")
+        info = AdapterInfo(folder=tmp_path / "adapter", base=str(tiny_model_dir), config={}, quant={})
+        model = load_with_adapter(info, "4bit", CPU, tokenizer)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(layer.weight.dtype == torch.uint8 for layer in layers)
+    batch = tokenizer("What is the capital of France?", return_tensors="pt")
+
+    model.train()  # dropout is 0: training mode computes what eval should
+    with torch.no_grad():
+        in_training = model(**batch).logits
+    model.eval()
+    with torch.no_grad():
+        in_eval = model(**batch).logits
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+    assert all(layer.weight.dtype == torch.uint8 for layer in layers)
+    torch.testing.assert_close(in_eval, in_training, rtol=0, atol=0)

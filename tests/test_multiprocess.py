@@ -113,7 +113,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, tiny_m
     one_adapter = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     assert max((two_adapter[k] - one_adapter[k]).abs().max().item() for k in one_adapter) < 1e-4
     checkpoint = tmp_path / "two" / "checkpoints" / "step-000003"
-    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert (checkpoint / "rng-00000.safetensors").is_file() and (checkpoint / "rng-00001.safetensors").is_file()
     assert json.loads((checkpoint / "trainer_state.json").read_text())["processes"] == 2
 
 

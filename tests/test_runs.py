@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from test_train import read_metrics, run_cli, train_in_process
 
 import train as train_script
+from modules.checkpoint import write_manifest
 from modules.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -73,11 +74,11 @@ def test_checkpoints_hold_adapter_optimizer_scheduler_rng_and_counters(tmp_path,
     names = {p.name for p in newest.iterdir()}
     assert {
         "adapter",
-        "optimizer.bin",
-        "custom_checkpoint_0.pkl",
-        "random_states_0.pkl",
+        "training_state.safetensors",  # optimizer, scheduler, scaler
+        "rng-00000.safetensors",
         "config.yaml",
         "trainer_state.json",
+        "checkpoint.json",
     } <= names
     assert not any(name.startswith("model") for name in names), "the frozen 4-bit base is never checkpointed"
     state = json.loads((newest / "trainer_state.json").read_text())
@@ -101,6 +102,7 @@ def test_resume_refuses_a_changed_run_and_allows_harmless_changes(tmp_path, tiny
     older = yaml.safe_load(saved.read_text())
     del older["train"]["compile"]  # as written before train.compile existed
     saved.write_text(yaml.safe_dump(older))
+    write_manifest(saved.parent, 3)
     memory_only = (
         "log.every_steps=2",
         "train.grad_checkpointing=offload",
@@ -115,6 +117,7 @@ def test_resume_refuses_a_changed_run_and_allows_harmless_changes(tmp_path, tiny
     assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
     state_file = tmp_path / "run" / "checkpoints" / "step-000003" / "trainer_state.json"
     state_file.write_text(json.dumps(json.loads(state_file.read_text()) | {"processes": 2}))
+    write_manifest(state_file.parent, 3)
     other_world = run_cli("--config", str(config), "--resume", str(state_file.parent))
     assert other_world.returncode == 2 and "written by 2 process(es), resumed with 1" in other_world.stderr
 

@@ -136,6 +136,8 @@ def test_saved_adapter_reloads_with_plain_peft_to_the_same_logits(tmp_path, tiny
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from modules.model import same_4bit_numerics_on_every_cpu
+
     result = train_in_process(tmp_path, tiny_model_dir, chat_file, "run", "train.max_steps=6")
     device = result.model.device  # the CPU here; the GPU when the suite runs on one
     compute_dtype = result.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.compute_dtype
@@ -153,6 +155,8 @@ def test_saved_adapter_reloads_with_plain_peft_to_the_same_logits(tmp_path, tiny
     base = AutoModelForCausalLM.from_pretrained(
         tiny_model_dir, quantization_config=quantization, dtype=compute_dtype, device_map={"": device}
     )
+    # The adapter is what is compared: the base runs training's 4-bit kernels on every CPU, as chat.py's does.
+    same_4bit_numerics_on_every_cpu(base)
     with torch.no_grad():
         base_logits = base(**inputs).logits
     reloaded = PeftModel.from_pretrained(base, result.output_dir / "adapter").eval()
@@ -190,10 +194,13 @@ def test_wandb_offline_run_is_written_under_output_dir(tmp_path, tiny_model_dir,
     assert '<span style="background:#c8f7c5">Ahoy!' in example.read_text()  # trained tokens highlighted
 
 
-def test_a_model_without_a_spare_token_gets_a_new_pad_and_still_reloads(tmp_path, chat_file):
+def test_a_model_without_a_spare_token_pads_with_eos_and_reloads_with_the_plain_peft_idiom(tmp_path, chat_file):
     from conftest import build_tokenizer
-    from peft import AutoPeftModelForCausalLM
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from modules.model import same_4bit_numerics_on_every_cpu
 
     tokenizer = build_tokenizer(special_tokens=("<|im_start|>", "<|im_end|>"), unk_token=None)  # pad = eos only
     config = LlamaConfig(
@@ -210,21 +217,21 @@ def test_a_model_without_a_spare_token_gets_a_new_pad_and_still_reloads(tmp_path
     tokenizer.save_pretrained(model_dir)
 
     result = train_in_process(tmp_path, model_dir, chat_file, "run", "train.max_steps=3")
-    assert result.tokenizer.pad_token == "<|pad|>" and result.tokenizer.pad_token_id != result.tokenizer.eos_token_id
-    assert result.model.get_input_embeddings().num_embeddings == len(tokenizer) + 1
+    assert result.tokenizer.pad_token == result.tokenizer.eos_token and len(result.tokenizer) == len(tokenizer)
+    assert result.model.get_input_embeddings().num_embeddings == len(tokenizer)  # the vocabulary never grew
+    saved = load_file(result.output_dir / "adapter" / "adapter_model.safetensors")
+    assert not any("embed_tokens" in name or "lm_head" in name for name in saved)
 
     inputs = result.tokenizer("<|im_start|>user\nIs the sea wide?", return_tensors="pt").to(result.model.device)
     result.model.eval()
     with torch.no_grad():
         trained_logits = result.model(**inputs).logits
     compute_dtype = result.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.compute_dtype
-    quantization = nf4(compute_dtype)
-    reloaded = AutoPeftModelForCausalLM.from_pretrained(
-        result.output_dir / "adapter",
-        quantization_config=quantization,
-        dtype=compute_dtype,
-        device_map={"": result.model.device},
-    ).eval()
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=nf4(compute_dtype), dtype=compute_dtype, device_map={"": result.model.device}
+    )
+    same_4bit_numerics_on_every_cpu(base)
+    reloaded = PeftModel.from_pretrained(base, result.output_dir / "adapter").eval()  # the unmodified base
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, trained_logits, rtol=0, atol=1e-5)
 
