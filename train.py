@@ -380,9 +380,9 @@ def run_training(args: argparse.Namespace, lock: RunLock) -> TrainResult | None:
                 bar.write(f"checkpoint {saved} written in {time.perf_counter() - started:.2f} s")
         if signalled:
             stop_reason = f"stopped by {signal.Signals(stop.signum).name}"
+    stop.training = False  # a signal from here on lets the final save finish: it is the run's result
     bar.close()
     stopped_early = stop_reason is not None and stop_reason.startswith("stopped by")
-    stop.training = False  # a signal from here on lets the final save finish: it is the run's result
 
     # ---- The end: save the adapter atomically, show what changed, close the trackers ----
     accelerator.wait_for_everyone()
@@ -445,7 +445,7 @@ def check_resumable(checkpoint: Path, config: RunConfig) -> None:
     """Refuse a checkpoint whose run config differs in a key that changes what the run computes."""
     try:
         saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8 text
         saved = None
     if not isinstance(saved, dict):
         raise UserError(f"--resume {checkpoint}: its config.yaml is not a run config; resume from another checkpoint.")

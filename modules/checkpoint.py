@@ -140,16 +140,18 @@ def save_checkpoint(
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        save_training_state(accelerator, model, optimizer, scheduler, staging)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            try:
+        try:
+            save_training_state(accelerator, model, optimizer, scheduler, staging)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
                 (staging / "config.yaml").write_text(config_text)
                 (staging / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
                 write_manifest(staging, step)
-            except BaseException:
+        except BaseException:
+            if accelerator.is_main_process:
                 shutil.rmtree(staging, ignore_errors=True)  # the earlier checkpoints stay as they were
-                raise
+            raise
+        if accelerator.is_main_process:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)

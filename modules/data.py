@@ -235,13 +235,14 @@ def _load_files(files: list[Path], kind: str):
     for path in files:
         _check_utf8(path)  # pyarrow reads invalid UTF-8 without complaint and fails much later
         _check_not_empty(path)
+    if kind == "json" and len(files) > 1:
+        _check_same_keys(files)
     try:
         return datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
     except Exception as error:
         if kind == "json":
             for path in files:
                 _find_bad_line(path)  # raises a UserError naming the line when a file is malformed
-            _check_same_keys(files)
         raise UserError(f"could not read {', '.join(map(str, files))} as {kind}: {error}") from None
 
 
@@ -251,9 +252,10 @@ def _check_not_empty(path: Path) -> None:
     with open(path, "rb") as handle:
         if any(line.strip() for line in handle):
             return
+    holds = "only whitespace" if path.stat().st_size else "nothing: it is empty"
     raise UserError(
-        f"data file {path} is empty (it holds no rows, only {'whitespace' if path.stat().st_size else 'nothing'}). "
-        "Give a file with one JSON object per line (see Data formats in the README), or remove it."
+        f"data file {path} has no rows (it holds {holds}). Give a file with one JSON object per line "
+        "(see Data formats in the README), or remove it."
     )
 
 

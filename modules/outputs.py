@@ -9,6 +9,7 @@ full (or read-only) the error says what was being written and how much room is l
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -173,10 +174,13 @@ class RunLock:
 @contextmanager
 def room_to_write(what: str, where: Path, resume_from: Callable[[], Path | None]):
     """Turn a full or read-only disk into a UserError that says what, how much room, and where to resume."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except OSError as error:
-        if error.errno not in NO_ROOM:
+    except (OSError, SafetensorError) as error:
+        code = error.errno if isinstance(error, OSError) else _os_error_code(str(error))
+        if code not in NO_ROOM:
             raise
         try:
             free = f"{shutil.disk_usage(where).free / 2**20:,.1f} MiB free on that disk"
@@ -188,7 +192,13 @@ def room_to_write(what: str, where: Path, resume_from: Callable[[], Path | None]
             if newest
             else "No checkpoint was written yet: make room, then start again."
         )
-        raise UserError(f"could not write {what} in {where} ({error.strerror}; {free}). {resume}") from None
+        raise UserError(f"could not write {what} in {where} ({os.strerror(code)}; {free}). {resume}") from None
+
+
+def _os_error_code(message: str) -> int | None:
+    """safetensors reports a failed write as text: 'I/O error: No space left on device (os error 28)'."""
+    found = re.search(r"\(os error (\d+)\)", message)
+    return int(found.group(1)) if found else None
 
 
 def write_text_atomic(path: Path, text: str) -> None:
