@@ -373,8 +373,8 @@ def run_training(args: argparse.Namespace, lock: RunLock) -> TrainResult | None:
                 step,
                 state_now,
                 config_text,
-                config.checkpoint.keep,
-                best,
+                keep=config.checkpoint.keep,
+                protect=best,
             )
             if accelerator.is_main_process:
                 bar.write(f"checkpoint {saved} written in {time.perf_counter() - started:.2f} s")

@@ -145,6 +145,8 @@ def test_device_map_auto_is_refused_under_a_multi_process_launch(tmp_path, tiny_
     assert done.returncode != 0 and "exitcode  : 2" in done.stderr  # the ranks exit 2 (the launcher adds its report)
     assert "qlora-loop: error: model.device_map auto spreads one model over the GPUs of one process" in done.stderr
     assert "2 processes" in done.stderr and not (tmp_path / "run").exists()
+    # The launcher's closing report names our message as the root cause, not "<N/A>".
+    assert "traceback : qlora-loop: error: model.device_map auto spreads" in done.stderr
 
 
 def test_compiled_decoder_layers_under_ddp_train_like_one_eager_process(tmp_path, tiny_model_dir, chat_file):
