@@ -409,7 +409,8 @@ def run_training(args: argparse.Namespace, lock: RunLock) -> TrainResult | None:
                     rows = samples.write(peft_model, tokenizer, progress.optimizer_step)
                 log_samples(wandb_run, rows, progress.optimizer_step)
                 print_answers(rows)
-        report = write_report(output_dir)
+        with room_to_write("report.png", output_dir, lambda: newest_intact(output_dir)):
+            report = write_report(output_dir)
         run_summary = {
             "steps": progress.optimizer_step,
             "final_loss": losses[-1] if losses else None,

@@ -62,7 +62,7 @@ def save_tree(path: Path, tree) -> None:
         if isinstance(node, dict):
             return {"dict": [[key, encode(value)] for key, value in node.items()]}
         if isinstance(node, (list, tuple)):
-            return {type(node).__name__: [encode(value) for value in node]}
+            return {"tuple" if isinstance(node, tuple) else "list": [encode(value) for value in node]}
         if node is None or isinstance(node, (bool, int, float, str)):
             return {"value": node}
         raise TypeError(f"cannot store a {type(node).__name__} in a checkpoint")
@@ -251,7 +251,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"{MANIFEST} lists no {', '.join(missing)}"
     for name, expected in files.items():
         path = folder / name
-        if ".." in Path(name).parts or not path.is_file():
+        if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
             return f"{name} is missing"
         size = path.stat().st_size
         if size != expected["bytes"]:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 
 from modules.config import DataConfig
 from modules.errors import UserError
@@ -263,7 +264,8 @@ def _check_same_keys(files: list[Path]) -> None:
     """Files of one folder are read as one table: their rows must share one format."""
     keys_by_file = {}
     for path in files:
-        first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "")
+        with open(path, encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
         try:
             row = json.loads(first) if path.suffix == ".jsonl" else None
         except ValueError:
@@ -493,8 +495,6 @@ def render_chat(tokenizer, messages: list[dict], **options) -> str:
     A template is code from the model's files: one that fails, raises on purpose, or reaches for
     what the sandbox forbids is a UserError naming the row (tokenize_rows adds it), never a traceback.
     """
-    from jinja2 import TemplateError
-
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **options)
     except TemplateError as error:
