@@ -92,7 +92,7 @@ def test_fsdp_on_two_gpus_trains_resumes_and_saves_a_whole_adapter(tmp_path, tin
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "adapter")
-    assert (resumed / "checkpoints" / "step-000002" / "trainable_state.pt").is_file()
+    assert (resumed / "checkpoints" / "step-000002" / "trainable.safetensors").is_file()
     again = launch("fsdp_qlora.yaml", "--config", str(fp32_config), f"output_dir={resumed}", "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_losses(read_metrics(resumed), read_metrics(run), rel=1e-5)
