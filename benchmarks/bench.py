@@ -466,7 +466,7 @@ def print_table(results: list[dict], work: float) -> None:
 
     peak = None
     if torch.cuda.is_available():
-        from modules.tracking import peak_flops
+        from modules.hardware import peak_flops
 
         peak = peak_flops(torch.device("cuda"), None)
     ok = [r for r in results if "error" not in r]

@@ -39,16 +39,11 @@ LENGTHS = {
 def ours_step(model_dir: Path, recompute: str, tiled_mlp: int | None = None):
     """One optimizer step of train.py's model on one packed row of `length` random tokens."""
     from modules.config import RunConfig
-    from modules.model import (
-        activation_offload,
-        load_model,
-        load_tokenizer,
-        resolve_attention,
-        resolve_compile,
-        resolve_precision,
-    )
+    from modules.hardware import resolve_attention, resolve_precision
+    from modules.model import load_model, load_tokenizer, resolve_compile
     from modules.optim import build_optimizer
     from modules.packing import VARLEN, PackedCollator
+    from modules.recompute import activation_offload
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = RunConfig.model_validate(

@@ -24,9 +24,10 @@ from jinja2 import TemplateError
 from modules.config import DataConfig
 from modules.errors import UserError
 from modules.formats import Example, detect_format, is_chat_format, to_example
+from modules.packing import PackedDataset
 from modules.sources import cache_root
+from modules.tokens import IGNORE_INDEX, choose_pad_token
 
-IGNORE_INDEX = -100
 CACHE_VERSION = 1  # bump when tokenization changes what it produces
 FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -167,8 +168,6 @@ def build_datasets(data: DataConfig, tokenizer, seed: int) -> Datasets:
         train_set, eval_set = split["train"], split["test"]
     audit.eval_rows = len(eval_set) if eval_set is not None else 0
     if data.packing:
-        from modules.packing import PackedDataset
-
         train_set = PackedDataset(train_set, data.max_seq_len)
         audit.packed_rows, audit.packing_efficiency = len(train_set), train_set.efficiency
         eval_set = PackedDataset(eval_set, data.max_seq_len) if eval_set is not None else None
@@ -350,8 +349,6 @@ def prepare_chat_template(tokenizer, choice: str, chat: bool) -> tuple[str, list
     tokenizer.add_special_tokens({"additional_special_tokens": list(CHATML_TOKENS)})
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.eos_token = CHATML_TOKENS[1]
-    from modules.model import choose_pad_token
-
     choose_pad_token(tokenizer)
     ids = tokenizer.convert_tokens_to_ids(list(CHATML_TOKENS))
     return f"ChatML (the tokenizer has none; {' and '.join(CHATML_TOKENS)} rows are trained)", ids

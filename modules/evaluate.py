@@ -4,8 +4,8 @@ import math
 
 import torch
 
-from modules.data import IGNORE_INDEX
 from modules.distributed import is_fsdp
+from modules.tokens import count_label_tokens
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def evaluate(accelerator, model, eval_set, collate, micro_batch_size: int) -> di
             loss = runner(**batch, num_items_in_batch=one).loss.float()
         if counted:
             loss_sum += loss
-            tokens += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            tokens += count_label_tokens(batch["labels"])
     inner.train(was_training)
     total_loss = accelerator.reduce(loss_sum, "sum").item()
     total_tokens = accelerator.reduce(tokens, "sum").item()

@@ -14,8 +14,8 @@ import types
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from modules.data import IGNORE_INDEX
 from modules.distributed import is_fsdp
+from modules.tokens import IGNORE_INDEX, count_label_tokens
 
 # Architectures whose logits are exactly lm_head(last hidden state): no softcapping, no scaling.
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -64,7 +64,7 @@ def use_chunked_loss(model: torch.nn.Module, chunk: int = CHUNK_TOKENS) -> None:
         decoder = getattr(self, self.base_model_prefix)
         hidden = decoder(input_ids=input_ids, **kwargs).last_hidden_state
         total = chunked_cross_entropy(hidden, self.get_output_embeddings(), labels, chunk)
-        count = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != IGNORE_INDEX).sum()
+        count = num_items_in_batch if num_items_in_batch is not None else count_label_tokens(labels)
         if torch.is_tensor(count):
             count = count.to(total.device)
         return CausalLMOutputWithPast(loss=total / count, logits=None)

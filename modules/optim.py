@@ -6,6 +6,7 @@ import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from modules.config import TrainConfig
+from modules.distributed import canonical_name
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float, matrices: set[str] | None = None) -> list[dict]:
@@ -14,8 +15,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, matrices: set[
     `matrices` names the trainable matrices when the model is wrapped (canonical names, read
     before wrapping): FSDP's weights are flat shards, whose shapes no longer say.
     """
-    from modules.distributed import canonical_name
-
     trainable = [(canonical_name(name), p) for name, p in model.named_parameters() if p.requires_grad]
 
     def is_matrix(name: str, parameter: torch.Tensor) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modules.data import IGNORE_INDEX
+from modules.tokens import IGNORE_INDEX
 
 VARLEN = "varlen"  # the attn_implementation name registered with transformers
 

@@ -1,11 +1,10 @@
-"""What a run reports: the plan before step 0, metrics.jsonl, Weights & Biases, the progress bar."""
+"""What a run reports as it trains: metrics.jsonl, Weights & Biases, the progress bar, MFU."""
 
 import importlib.util
 import json
 import math
 import netrc
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from modules.config import RunConfig, WandbConfig
 from modules.errors import UserError
+from modules.hardware import peak_memory_by_gpu, peak_memory_gib
 
 
 def resolve_wandb_mode(wandb: WandbConfig) -> str:
@@ -154,29 +154,6 @@ def finish_wandb(run, summary: dict, adapter_dir: Path | None, log_adapter: bool
         run.log_artifact(artifact)
 
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), TFLOP/s.
-PEAK_BF16_TFLOPS = {
-    "H200": 989.4,
-    "H100": 989.4,
-    "A100": 312.0,
-    "L40S": 362.1,
-    "L4": 121.0,
-    "A10G": 70.0,
-    "RTX 4090": 165.2,
-    "RTX 3090": 71.0,
-}
-
-
-def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    """One device's peak FLOP/s: log.peak_tflops, else the data sheet of a known GPU, else None."""
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None)
-
-
 def training_flops_per_token(matmul_params: int, attention_width: int, mean_row_tokens: float) -> float:
     """Model FLOPs to train one token on a frozen base, the numerator of MFU.
 
@@ -261,44 +238,7 @@ class MetricsLog:
             self.file.close()
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch, or the process's peak resident memory on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
-
-
-def memory_after_loading(device: torch.device) -> str | None:
-    """What the loaded model holds on this GPU and the peak while loading; then the peak count restarts.
-
-    Read before any probe step (train.grad_checkpointing auto), or under FSDP once prepared: each
-    process first loads the whole 4-bit model and then keeps only its shard, so the loading peak is
-    not the training peak that metrics.jsonl reports.
-    """
-    if device.type != "cuda":
-        return None
-    held, peak = torch.cuda.memory_allocated(device) / 2**30, peak_memory_gib(device)
-    for index in range(torch.cuda.device_count()):  # all of a device_map split; this process's counts only
-        torch.cuda.reset_peak_memory_stats(index)
-    return f"{held:.1f} GiB held on this process's GPU after loading (peak while loading {peak:.1f} GiB)"
-
-
-def peak_memory_by_gpu(accelerator) -> list[float] | None:
-    """Each GPU's peak: every process's own (a gather), or every GPU of one process spread by device_map."""
-    if accelerator.device.type != "cuda":
-        return None
-    if accelerator.num_processes > 1:
-        mine = torch.tensor([peak_memory_gib(accelerator.device)], device=accelerator.device)
-        return [round(value, 3) for value in accelerator.gather(mine).tolist()]
-    return [round(torch.cuda.max_memory_allocated(index) / 2**30, 3) for index in range(torch.cuda.device_count())]
-
-
 def progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, file=sys.stdout)
-
-
-def format_plan(rows: list[tuple[str, str]]) -> str:
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.checkpoint import load_training_state, save_training_state  # noqa: E402
 from modules.config import load_config  # noqa: E402
-from modules.data import IGNORE_INDEX, build_datasets  # noqa: E402
+from modules.data import build_datasets  # noqa: E402
 from modules.distributed import (  # noqa: E402
     adapter_state,
     canonical_name,
@@ -34,9 +34,11 @@ from modules.distributed import (  # noqa: E402
     save_adapter,
     trainable_wrap_policy,
 )
-from modules.model import Precision, inspect_model, load_model, load_tokenizer  # noqa: E402
+from modules.hardware import Precision
+from modules.model import inspect_model, load_model, load_tokenizer  # noqa: E402
 from modules.optim import build_optimizer  # noqa: E402
 from modules.packing import PackedCollator, PackedDataset  # noqa: E402
+from modules.tokens import IGNORE_INDEX
 
 GLOBAL_ROWS = 4
 STEPS = 3

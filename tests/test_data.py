@@ -7,7 +7,6 @@ from conftest import base_tokenizer, build_tokenizer, chat_row, write_jsonl
 from modules.config import DataConfig
 from modules.data import (
     CHATML_TOKENS,
-    IGNORE_INDEX,
     PaddingCollator,
     build_datasets,
     load_samples,
@@ -17,6 +16,7 @@ from modules.data import (
 )
 from modules.errors import UserError
 from modules.formats import Example, to_example
+from modules.tokens import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")

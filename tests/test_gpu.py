@@ -25,8 +25,8 @@ def test_gpu_run_uses_bf16_and_reports_cuda_memory(tmp_path, tiny_model_dir, cha
 def test_packed_rows_through_the_varlen_kernel_equal_each_sample_alone(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from modules.data import IGNORE_INDEX
     from modules.packing import VARLEN, PackedCollator, register_varlen_attention, varlen_available
+    from modules.tokens import IGNORE_INDEX
 
     if not varlen_available(torch.device("cuda")):
         pytest.skip("torch.nn.attention.varlen needs torch >= 2.10 on an Ampere or newer GPU")
@@ -110,7 +110,9 @@ def test_auto_recompute_probes_one_step_and_trains_without_checkpointing_where_i
 
 def test_each_rung_of_the_recompute_ladder_needs_less_memory_on_long_rows(tiny_model_dir):
     from modules.config import RunConfig
-    from modules.model import Precision, load_model, load_tokenizer, probe_step
+    from modules.hardware import Precision
+    from modules.model import load_model, load_tokenizer
+    from modules.recompute import probe_step
 
     config = RunConfig.model_validate(
         {"model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": "x.jsonl"}, "output_dir": "o"}

@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import nf4
 
-from modules.data import IGNORE_INDEX
 from modules.loss import chunked_cross_entropy, use_chunked_loss
 from modules.packing import PackedCollator
+from modules.tokens import IGNORE_INDEX
 
 
 def lora_model(model_dir, trainable_tokens=None):

@@ -8,17 +8,10 @@ from pydantic import ValidationError
 
 from modules.config import RunConfig
 from modules.errors import UserError
-from modules.model import (
-    Precision,
-    choose_pad_token,
-    inspect_model,
-    is_checkpointing,
-    load_model,
-    load_tokenizer,
-    resolve_attention,
-    resolve_compile,
-    resolve_precision,
-)
+from modules.hardware import Precision, resolve_attention, resolve_precision
+from modules.model import inspect_model, load_model, load_tokenizer, resolve_compile
+from modules.recompute import is_checkpointing
+from modules.tokens import choose_pad_token
 
 CPU = torch.device("cpu")
 
@@ -196,7 +189,7 @@ def test_compiled_decoder_layers_train_like_eager_ones_and_generation_stays_eage
     from torch._dynamo.utils import counters
 
     from modules.generation import GenerationSettings, reply
-    from modules.model import ActivationOffload
+    from modules.recompute import ActivationOffload
 
     torch._dynamo.reset()
     counters.clear()
@@ -231,7 +224,7 @@ def test_compiled_decoder_layers_train_like_eager_ones_and_generation_stays_eage
 
 
 def test_offloaded_activations_are_the_layer_inputs_and_change_no_gradient(tiny_model_dir):
-    from modules.model import ActivationOffload, activation_offload
+    from modules.recompute import ActivationOffload, activation_offload
 
     model, _ = lora_model(tiny_model_dir, grad_checkpointing=True)
     (batch,) = packed_batches([[60, 36]])  # 96 tokens: a size no weight of the tiny model has
@@ -259,7 +252,7 @@ def test_compile_says_so_when_it_finds_no_decoder_layer(tiny_model_dir):
 
 
 def test_tiling_says_so_when_it_finds_no_dense_mlp(tiny_model_dir):
-    from modules.model import tile_decoder_mlps
+    from modules.recompute import tile_decoder_mlps
 
     model, _ = lora_model(tiny_model_dir)
     for layer in model.get_base_model().model.layers:
@@ -270,7 +263,7 @@ def test_tiling_says_so_when_it_finds_no_dense_mlp(tiny_model_dir):
 
 
 def test_auto_recompute_is_measured_only_where_one_step_fills_one_whole_gpu():
-    from modules.model import resolve_recompute
+    from modules.recompute import resolve_recompute
 
     cuda = torch.device("cuda")  # a device object; nothing runs on it
     assert resolve_recompute(run_config(), cuda, sharded=False) is None  # probed after loading
@@ -285,7 +278,7 @@ def test_auto_recompute_is_measured_only_where_one_step_fills_one_whole_gpu():
 
 
 def test_auto_recompute_keeps_the_fastest_step_that_fits_and_probes_no_further():
-    from modules.model import AUTO_TILE_TOKENS, MEMORY_HEADROOM, RECOMPUTE_LADDER, climb_recompute
+    from modules.recompute import AUTO_TILE_TOKENS, MEMORY_HEADROOM, RECOMPUTE_LADDER, climb_recompute
 
     gib = 2**30
     budget = 80 * gib
@@ -321,7 +314,7 @@ def test_auto_recompute_keeps_the_fastest_step_that_fits_and_probes_no_further()
 
 
 def test_auto_climbs_to_tiled_mlps_only_where_there_are_whole_dense_mlps_to_tile(tiny_model_dir):
-    from modules.model import RECOMPUTE_LADDER, recompute_ladder
+    from modules.recompute import RECOMPUTE_LADDER, recompute_ladder
 
     model, _ = lora_model(tiny_model_dir)
     assert recompute_ladder(model, tiled_mlp=None) == RECOMPUTE_LADDER  # llama: dense MLPs
@@ -333,7 +326,7 @@ def test_auto_climbs_to_tiled_mlps_only_where_there_are_whole_dense_mlps_to_tile
 
 
 def test_every_ddp_process_settles_on_the_leanest_rung_any_of_them_needed(tiny_model_dir):
-    from modules.model import RECOMPUTE_LADDER, RecomputeChoice, settle_recompute, use_rung
+    from modules.recompute import RECOMPUTE_LADDER, RecomputeChoice, settle_recompute, use_rung
 
     ladder = (*RECOMPUTE_LADDER[:-1], ("offload", 32))  # tiles this tiny batch can show
     (batch,) = packed_batches([[60, 36]])  # 96 tokens
@@ -364,7 +357,8 @@ def count_mlp_passes(model) -> list[int]:
 
 @pytest.mark.slow
 def test_the_tiled_rung_tiles_mlps_that_compiled_layers_already_ran_whole(tiny_model_dir):
-    from modules.model import compile_decoder_layers, use_rung
+    from modules.model import compile_decoder_layers
+    from modules.recompute import use_rung
 
     (batch,) = packed_batches([[60, 36]])  # 96 tokens: 3 tiles of 32
     model, _ = lora_model(tiny_model_dir)
@@ -383,7 +377,7 @@ def test_the_tiled_rung_tiles_mlps_that_compiled_layers_already_ran_whole(tiny_m
 
 
 def test_a_probe_step_runs_the_mode_asked_and_leaves_no_trace(tiny_model_dir):
-    from modules.model import probe_step
+    from modules.recompute import probe_step
 
     model, _ = lora_model(tiny_model_dir, dropout=0.1)  # auto on the CPU: checkpointing on
     model.eval()  # the probe trains as the run will, dropout and checkpointing included, and puts this back
@@ -409,8 +403,8 @@ def test_a_probe_step_runs_the_mode_asked_and_leaves_no_trace(tiny_model_dir):
 
 
 def test_a_probe_step_takes_the_varlen_collators_batches_whose_lengths_are_integers(tiny_model_dir):
-    from modules.model import probe_step
     from modules.packing import PackedCollator
+    from modules.recompute import probe_step
 
     model, _ = lora_model(tiny_model_dir)
     batch = PackedCollator(varlen_kwargs=True)([[{"input_ids": [5] * 30, "labels": [5] * 30}] * 2])
@@ -436,8 +430,8 @@ def test_the_probe_batch_is_the_heaviest_micro_batch_packed_or_padded():
     import datasets
 
     from modules.data import PaddingCollator
-    from modules.model import heaviest_batch
     from modules.packing import PackedCollator, PackedDataset
+    from modules.recompute import heaviest_batch
 
     lengths = [5, 40, 12, 33, 7, 25, 18]
     samples = datasets.Dataset.from_dict(
@@ -465,7 +459,7 @@ def saved_bytes(model, batch: dict) -> int:
 
 
 def test_tiled_mlps_train_exactly_like_whole_ones_and_keep_no_intermediate(tiny_model_dir):
-    from modules.model import tile_decoder_mlps
+    from modules.recompute import tile_decoder_mlps
 
     (batch,) = packed_batches([[60, 36]])  # 96 tokens: 3 tiles of 32
     for recompute in (False, True):
@@ -491,7 +485,8 @@ def test_tiled_mlps_train_exactly_like_whole_ones_and_keep_no_intermediate(tiny_
 
 @pytest.mark.slow
 def test_tiled_mlps_run_eagerly_inside_compiled_layers(tiny_model_dir):
-    from modules.model import compile_decoder_layers, tile_decoder_mlps
+    from modules.model import compile_decoder_layers
+    from modules.recompute import tile_decoder_mlps
 
     (batch,) = packed_batches([[60, 36]])
     model, _ = lora_model(tiny_model_dir, grad_checkpointing=True)
@@ -507,7 +502,7 @@ def test_tiled_mlps_run_eagerly_inside_compiled_layers(tiny_model_dir):
 
 def test_tiled_mlp_is_a_token_count_and_is_refused_under_fsdp():
     from modules.errors import UserError
-    from modules.model import check_tiled_mlp
+    from modules.recompute import check_tiled_mlp
 
     assert run_config().train.tiled_mlp is None
     assert run_config(tiled_mlp=8192).train.tiled_mlp == 8192

@@ -97,7 +97,8 @@ def test_training_flops_per_token_of_an_8b_llama_shape():
 def test_mfu_needs_a_peak_and_counts_every_process():
     import torch
 
-    from modules.tracking import mfu, peak_flops
+    from modules.hardware import peak_flops
+    from modules.tracking import mfu
 
     assert peak_flops(torch.device("cpu"), None) is None and mfu(1000.0, 1e9, None, 1) is None
     assert peak_flops(torch.device("cpu"), 2.0) == 2e12

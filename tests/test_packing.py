@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import nf4
 
-from modules.data import IGNORE_INDEX
 from modules.packing import PackedCollator, PackedDataset, best_fit_decreasing
+from modules.tokens import IGNORE_INDEX
 
 
 def naive_best_fit_decreasing(lengths, capacity):

@@ -1,0 +1,292 @@
+"""Recompute: what a training step keeps for backward and what it computes again.
+
+Gradient checkpointing on or off, layer inputs offloaded to pinned CPU memory, MLPs in tiles, and
+train.grad_checkpointing auto, which probes one step of the heaviest micro-batch on each rung of
+the ladder (off, on, offload, offload with tiled MLPs) and keeps the first that fits the GPU.
+"""
+
+import contextlib
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from modules.config import RunConfig
+from modules.errors import UserError
+from modules.hardware import Precision
+from modules.packing import PackedDataset
+from modules.tiling import is_dense_mlp, tile_mlps
+from modules.tokens import count_label_tokens
+
+Recompute = Literal["offload"] | bool  # train.grad_checkpointing once resolved
+
+
+class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
+    """Keep the large tensors autograd saves for backward in CPU memory (pinned, for a GPU's tensors).
+
+    Under gradient checkpointing, what autograd saves outside the recomputed regions is each decoder
+    layer's input (layers x tokens x hidden: what dominates at long sequences). Unlike
+    torch.autograd.graph.save_on_cpu, the model's own weights (a compiled layer saves them too) and
+    small tensors stay where they are. Copies are ordered on the compute stream, so no sync is needed.
+    """
+
+    def __init__(self, model: torch.nn.Module, min_elements: int = 2**14):
+        weights = {tensor.untyped_storage().data_ptr() for tensor in [*model.parameters(), *model.buffers()]}
+        self.offloaded: list[tuple[int, ...]] = []  # shapes moved out in the latest forward (read by tests)
+
+        def pack(tensor: torch.Tensor):
+            if tensor.numel() < min_elements or tensor.untyped_storage().data_ptr() in weights:
+                return tensor
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+            host.copy_(tensor, non_blocking=tensor.is_cuda)
+            self.offloaded.append(tuple(tensor.shape))
+            return tensor.device, host
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            device, host = packed
+            return host.to(device, non_blocking=host.is_pinned())
+
+        super().__init__(pack, unpack)
+
+    def __enter__(self):
+        self.offloaded.clear()  # one forward's worth, not the whole run's
+        return super().__enter__()
+
+
+def activation_offload(recompute: Recompute, model: torch.nn.Module, device: torch.device):
+    """The context a training forward runs in: ActivationOffload with train.grad_checkpointing offload
+    on a GPU; nothing otherwise (on the CPU the tensors are in CPU memory already)."""
+    if recompute == "offload" and device.type == "cuda":
+        return ActivationOffload(model)
+    return contextlib.nullcontext()
+
+
+# train.grad_checkpointing auto tries these rungs in order and keeps the first whose step fits the
+# GPU: fastest first (no recompute), leanest last (recompute, layer inputs in CPU memory, and the
+# MLPs in tiles of AUTO_TILE_TOKENS, the tile measured on an 8B model: benchmarks/README.md).
+AUTO_TILE_TOKENS = 8192
+
+
+Rung = tuple[Recompute, int | None]  # (recompute, tokens per MLP tile or None for whole rows)
+
+
+RECOMPUTE_LADDER: tuple[Rung, ...] = ((False, None), (True, None), ("offload", None), ("offload", AUTO_TILE_TOKENS))
+
+
+RECOMPUTE_WORDS = {False: "off", True: "on", "offload": "on, layer inputs offloaded to pinned CPU memory"}
+
+
+MEMORY_HEADROOM = 0.9  # of the GPU: the caching allocator's slack, evaluation, generation
+
+
+BYTES_AFTER_PROBE = 12  # per trainable parameter: AdamW's two fp32 moments, DDP's gradient buckets
+
+
+@dataclass(frozen=True)
+class RecomputeChoice:
+    mode: Recompute  # what train.grad_checkpointing resolves to
+    why: str  # for the plan: how it was chosen
+    ran_out: bool = False  # auto: even the leanest rung's probe step ran out of memory
+    tiled: int | None = None  # tokens per MLP tile: train.tiled_mlp, or auto's last rung
+
+    @property
+    def rung(self) -> Rung:
+        return self.mode, self.tiled
+
+
+def resolve_recompute(config: RunConfig, device: torch.device, sharded: bool) -> RecomputeChoice | None:
+    """train.grad_checkpointing as set, or None where auto measures: one GPU per process.
+
+    auto keeps checkpointing on where there is no GPU memory to budget (the CPU) and where one
+    process's peak is not one step's on one whole GPU: FSDP and device_map auto.
+    """
+    choice, tiled = config.train.grad_checkpointing, config.train.tiled_mlp
+    if choice != "auto":
+        return RecomputeChoice(choice, "", tiled=tiled)
+    if device.type != "cuda":
+        return RecomputeChoice(True, "auto: on the CPU", tiled=tiled)
+    if sharded or config.model.device_map:
+        return RecomputeChoice(True, f"auto: under {'FSDP' if sharded else 'device_map'}", tiled=tiled)
+    return None
+
+
+def set_recompute(model: torch.nn.Module, mode: Recompute) -> None:
+    """Gradient checkpointing on or off on the PEFT model's base."""
+    set_checkpointing(model.get_base_model(), bool(mode))
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Non-reentrant activation checkpointing on or off on a transformers model, by the names newer
+    transformers use (the gradient_checkpointing_* ones warn there) or the older ones."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None and "activation_checkpointing_kwargs" in inspect.signature(enable).parameters:
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif is_checkpointing(model):
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif is_checkpointing(model):
+        model.gradient_checkpointing_disable()
+
+
+def is_checkpointing(model) -> bool:
+    """Whether a transformers model recomputes its layers in backward (either transformers' name)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing
+
+
+def heaviest_batch(dataset, collate, rows: int) -> dict[str, torch.Tensor]:
+    """The micro-batch of the `rows` rows (packed bins or samples) holding the most tokens."""
+    if isinstance(dataset, PackedDataset):
+        sizes = [sum(dataset.lengths[i] for i in bin_) for bin_ in dataset.bins]
+    else:
+        sizes = list(dataset["length"])
+    heaviest = sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)[:rows]
+    return collate([dataset[i] for i in heaviest])
+
+
+def probe_step(model, batch: dict, mode: Recompute, precision: Precision, device: torch.device) -> int | None:
+    """The peak GPU memory (bytes reserved) of one forward and backward of `batch` with recompute
+    `mode`, or None when it ran out of memory. Leaves no gradients and the RNG states as they were;
+    on the CPU, where memory is not counted, the peak reads 0."""
+    set_recompute(model, mode)
+    was_training = model.training
+    model.train()  # as the run will: checkpointing and dropout act in training mode only
+    batch = {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
+    label_tokens = count_label_tokens(batch["labels"])
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    autocast = torch.autocast(device.type, dtype=precision.compute_dtype, enabled=precision.mixed != "no")
+    ran_out = False
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        try:
+            with autocast, activation_offload(mode, model, device):
+                loss = model(**batch, num_items_in_batch=label_tokens).loss
+            loss.backward()
+        except torch.OutOfMemoryError:
+            ran_out = True  # the traceback, which holds the step's tensors, goes with this block
+    loss = None
+    model.train(was_training)
+    model.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_reserved(device) if cuda else 0
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return None if ran_out else peak
+
+
+def gpu_budget(device: torch.device) -> int:
+    """Bytes this process may hold on its GPU: what is free plus what it holds already, under any
+    torch.cuda.set_per_process_memory_fraction cap."""
+    index = torch.cuda.current_device() if device.index is None else device.index  # accelerate's device is "cuda"
+    free, total = torch.cuda.mem_get_info(index)
+    capacity = free + torch.cuda.memory_reserved(index)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(index)  # absent from older torch
+    return min(capacity, int(total * fraction))
+
+
+def climb_recompute(probe, extra: int, budget: int, ladder: tuple[Rung, ...] = RECOMPUTE_LADDER) -> RecomputeChoice:
+    """Walk `ladder` with `probe(rung) -> peak bytes or None` until a step fits the budget.
+
+    The leanest rung is taken when nothing fit but it ran: nothing leaner is left, and it may
+    still train. When it ran out of memory too, the choice says so (`ran_out`).
+    """
+    limit = MEMORY_HEADROOM * budget
+    tried = []
+    for mode, tiles in ladder:
+        peak = probe((mode, tiles))
+        if peak is not None and peak + extra <= limit:
+            fit = f"a step peaked at {peak / 2**30:.1f} GiB"
+            why = f"auto: {fit}, within {MEMORY_HEADROOM:.0%} of {budget / 2**30:.1f} GiB"
+            return RecomputeChoice(mode, why, tiled=tiles)
+        short = {False: "off", True: "on"}.get(mode, mode) + (" + tiled MLP" if tiles else "")
+        tried.append(f"{short}: " + ("out of memory" if peak is None else f"{peak / 2**30:.1f} GiB"))
+    why = f"auto: nothing fit {budget / 2**30:.1f} GiB ({'; '.join(tried)})"
+    return RecomputeChoice(mode, why, ran_out=peak is None, tiled=tiles)
+
+
+def recompute_ladder(model, tiled_mlp: int | None) -> tuple[Rung, ...]:
+    """The rungs auto may climb for this model: each tiled by train.tiled_mlp where it is set, and
+    without auto's tiled rung where there is no dense MLP to tile."""
+    if not any(is_dense_mlp(getattr(layer, "mlp", None)) for layer in decoder_layers(model)):
+        return RECOMPUTE_LADDER[:-1]
+    if tiled_mlp:
+        return tuple((mode, tiled_mlp) for mode, _ in RECOMPUTE_LADDER[:-1])
+    return RECOMPUTE_LADDER
+
+
+def use_rung(model, rung: Rung) -> None:
+    """Put the model on `rung`: its recompute, and its MLPs in tiles if the rung tiles. Tiling cannot
+    be undone, which is why auto's tiled rung is the last. Compiled layers that ran whole MLPs notice
+    the new MLP forward and compile again (a test checks)."""
+    mode, tiles = rung
+    if tiles:
+        tile_decoder_mlps(model, tiles)
+    set_recompute(model, mode)
+
+
+def choose_recompute(
+    model, batch: dict, precision: Precision, device: torch.device, trainable: int, ladder: tuple[Rung, ...]
+) -> RecomputeChoice:
+    """train.grad_checkpointing auto on one GPU: probe the run's heaviest micro-batch up `ladder`,
+    fastest first. The model is left on the chosen rung, the last one probed."""
+
+    def probe(rung: Rung) -> int | None:
+        use_rung(model, rung)
+        return probe_step(model, batch, rung[0], precision, device)
+
+    return climb_recompute(probe, BYTES_AFTER_PROBE * trainable, gpu_budget(device), ladder)
+
+
+def settle_recompute(
+    model, choice: RecomputeChoice, ladder: tuple[Rung, ...], rung: int, tokens: int
+) -> RecomputeChoice:
+    """Put the model on `rung` of `ladder`: this process's choice, or a leaner one another DDP process
+    needed (so all recompute alike); one past the top means even the leanest step ran out of memory."""
+    if rung == len(ladder):
+        tiles = ladder[-1][1]
+        leanest = "checkpointing offloaded to CPU memory" + (f" and MLPs in tiles of {tiles:,} tokens" if tiles else "")
+        raise UserError(
+            f"train.grad_checkpointing auto: a step of the heaviest micro-batch ({tokens:,} tokens) ran out of "
+            f"GPU memory even with {leanest}. Lower train.micro_batch_size (and raise train.grad_accum_steps to "
+            f"keep the effective batch) or data.max_seq_len{', set a smaller train.tiled_mlp' if tiles else ''}, "
+            "or use a smaller model."
+        )
+    if ladder[rung] == choice.rung:
+        return choice
+    use_rung(model, ladder[rung])
+    why = f"auto: another process needed it; here {choice.why.removeprefix('auto: ')}"
+    return RecomputeChoice(ladder[rung][0], why, tiled=ladder[rung][1])
+
+
+def check_tiled_mlp(config: RunConfig, sharded: bool) -> None:
+    """train.tiled_mlp is not checked with FSDP's flat shards: refused there, before loading."""
+    if config.train.tiled_mlp and sharded:
+        raise UserError(
+            f"train.tiled_mlp is {config.train.tiled_mlp}, but this is an FSDP launch, whose flat shards tiled "
+            "MLPs are not checked with. Set train.tiled_mlp=null, or launch without FSDP (one GPU, DDP)."
+        )
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The PEFT model's decoder layers: the modules its architecture names in _no_split_modules."""
+    names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+def tile_decoder_mlps(model: torch.nn.Module, tokens: int) -> int:
+    """train.tiled_mlp: every decoder layer's MLP in tiles of `tokens` (modules.tiling); warns if none."""
+    tiled = tile_mlps(decoder_layers(model), tokens)
+    if not tiled:
+        name = type(model.get_base_model()).__name__
+        message = f"train.tiled_mlp: no decoder layer with a dense `mlp` in {name}: its MLPs run whole"
+        warnings.warn(message, stacklevel=2)
+    return tiled
