@@ -1,9 +1,11 @@
 """qlora-loop: QLoRA fine-tuning of a causal language model in one explicit loop.
 
-    accelerate launch [--config_file accelerate_configs/X.yaml] train.py [--config configs/Y.yaml] [key.path=value ...]
+    accelerate launch -q --config_file accelerate_configs/X.yaml train.py [--config configs/Y.yaml] [key.path=value ...]
     python train.py ...        # same flags, one process
 
-With no --config it runs configs/demo.yaml. Reads top to bottom: setup, the plan, the loop, the end.
+With no --config it runs configs/demo.yaml. Reads top to bottom: prepare (every check a user can
+fail, and the Plan), start (weights, optimizer, resume, trackers), fit (the loop), finish (the
+adapter, samples, report).
 """
 
 import argparse
