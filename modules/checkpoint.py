@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from modules.distributed import gather_trainable_state, is_fsdp, whole_state_options
 from modules.errors import UserError
 from modules.outputs import room_to_write, write_text_atomic
+from modules.tracking import read_metrics
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 MANIFEST = "checkpoint.json"  # written last: a checkpoint without it is incomplete
@@ -364,21 +365,6 @@ class RunProgress:
         if not counters or not all(isinstance(n, int) and n >= 0 for n in counters):
             raise UserError(f"checkpoint {checkpoint}: {STATE_FILE} does not hold the run's counters.")
         return progress
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a line cut short by a kill mid-write is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
 
 
 def keep_metrics_through(path: Path, step: int) -> list[dict]:

@@ -1,8 +1,9 @@
 """output_dir/report.png: train and eval loss and the learning rate against optimizer step."""
 
-import json
 import os
 from pathlib import Path
+
+from modules.tracking import read_metrics
 
 
 def write_report(output_dir: Path) -> Path | None:
@@ -11,8 +12,7 @@ def write_report(output_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = output_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    records = read_metrics(output_dir / "metrics.jsonl")
     train = [r for r in records if r.get("loss") is not None]
     evals = [r for r in records if "eval_loss" in r]
     if not train and not evals:

@@ -222,6 +222,21 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, process
     return round(tokens_per_s * flops_per_token / (peak * processes), 4) if peak else None
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a line cut short by a kill mid-write is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged optimizer step, flushed as it is written."""
 

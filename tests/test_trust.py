@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 from test_train import run_cli
 
 import train as train_script
-from modules.checkpoint import MANIFEST, checkpoint_problem, read_metrics, write_manifest
+from modules.checkpoint import MANIFEST, checkpoint_problem, write_manifest
 from modules.errors import UserError
+from modules.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
