@@ -276,6 +276,12 @@ def find_resume_checkpoint(resume: str, output_dir: Path | None) -> ResumePoint:
         path = Path(resume)
         if not path.is_dir():
             raise UserError(f"--resume {path}: no such checkpoint folder.")
+        if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
+            raise UserError(
+                f"--resume {path}: this is a run's output_dir, not a checkpoint. Continue its newest intact "
+                f"checkpoint with --config {path / 'config.yaml'} --resume, or name one: "
+                f"--resume {path}/checkpoints/step-NNNNNN."
+            )
         problem = checkpoint_problem(path)
         if problem:
             others = [p for p in _candidates(path.parent.parent) if p != path and not checkpoint_problem(p)]

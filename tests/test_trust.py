@@ -253,6 +253,8 @@ def test_when_no_checkpoint_is_intact_the_resume_says_why_and_changes_nothing(tm
     assert (run / "metrics.jsonl").read_bytes() == metrics_before
     named = run_cli("--resume", str(run / "checkpoints" / "step-000004"))
     assert named.returncode == 2 and "this checkpoint cannot be used" in named.stderr
+    folder = run_cli("--resume", str(run))  # the run's folder given where a checkpoint is expected
+    assert folder.returncode == 2 and "is a run's output_dir, not a checkpoint" in folder.stderr
 
 
 # ---- 7. One run per output_dir ----
