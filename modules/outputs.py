@@ -60,13 +60,31 @@ def claim_output_dir(output_dir: Path, overwrite: bool) -> None:
             f"output_dir {output_dir} already holds a run ({', '.join(existing)}). Choose one: --resume to "
             f"continue it, another folder (output_dir=runs/new-name), or --overwrite to replace it."
         )
+    output_dir.mkdir(parents=True, exist_ok=True)
     if not overwrite:
         return
+    if existing:
+        _remove_artifacts(output_dir, existing)
+    wandb = output_dir / WANDB_FOLDER
+    if wandb.is_dir() and not wandb.is_symlink() and any(wandb.iterdir()):
+        kept = output_dir / f"{WANDB_FOLDER}-replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(wandb, kept)
+        print(
+            f"qlora-loop: --overwrite kept the earlier run's W&B folder as {kept} (it may hold offline runs "
+            f"never synced: `wandb sync {kept}/offline-run-*`, then delete it).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _remove_artifacts(output_dir: Path, names: list[str]) -> None:
+    """Move the named artifacts into one hidden folder (renames), putting them back if any move fails;
+    only then delete that folder. A symlink is unlinked, never followed."""
     trash = output_dir / f".replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     moved: list[str] = []
     try:
         trash.mkdir()
-        for name in existing:
+        for name in names:
             os.rename(output_dir / name, trash / name)
             moved.append(name)
     except OSError as error:
@@ -78,16 +96,6 @@ def claim_output_dir(output_dir: Path, overwrite: bool) -> None:
         path = trash / name
         path.unlink() if path.is_symlink() or not path.is_dir() else shutil.rmtree(path)
     trash.rmdir()
-    wandb = output_dir / WANDB_FOLDER
-    if wandb.is_dir() and not wandb.is_symlink() and any(wandb.iterdir()):
-        kept = output_dir / f"{WANDB_FOLDER}-replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(wandb, kept)
-        print(
-            f"qlora-loop: --overwrite kept the earlier run's W&B folder as {kept} (it may hold offline runs "
-            f"never synced: `wandb sync {kept}/offline-run-*`, then delete it).",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 class RunLock:
