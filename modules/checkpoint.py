@@ -214,21 +214,23 @@ def sha256(path: Path) -> str:
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """Checkpoint folders that finished writing, oldest first. Partial ones (a crash mid-write) are ignored."""
-    folder = output_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if CHECKPOINT_PATTERN.match(p.name) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+    return _step_folders(output_dir, MANIFEST)
 
 
 def _candidates(output_dir: Path) -> list[Path]:
     """Complete checkpoints and those of the older pickled format, newest first."""
+    return _step_folders(output_dir, MANIFEST, STATE_FILE)[::-1]
+
+
+def _step_folders(output_dir: Path, *markers: str) -> list[Path]:
+    """output_dir/checkpoints/step-NNNNNN folders holding any of `markers`, oldest first."""
     folder = output_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if CHECKPOINT_PATTERN.match(p.name) and (p / STATE_FILE).is_file()]
-    found += [p for p in complete_checkpoints(output_dir) if p not in found]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)), reverse=True)
+    found = [
+        p for p in folder.iterdir() if CHECKPOINT_PATTERN.match(p.name) and any((p / m).is_file() for m in markers)
+    ]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
 def checkpoint_problem(folder: Path) -> str | None:

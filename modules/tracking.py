@@ -142,7 +142,8 @@ def finish_wandb(run, summary: dict, adapter_dir: Path | None, log_adapter: bool
     if run is None:
         return
     if run.offline:
-        print(f"W&B: offline run in {Path(run.dir).parent}; upload it with `wandb sync {Path(run.dir).parent}`.")
+        folder = Path(run.dir).parent  # run.dir is the run's files/ folder
+        print(f"W&B: offline run in {folder}; upload it with `wandb sync {folder}`.")
     else:
         print(f"W&B: {run.url}")
     run.summary.update(summary)
