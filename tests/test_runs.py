@@ -12,7 +12,7 @@ import torch
 import yaml
 from conftest import REPO, chat_row, write_config, write_jsonl
 from safetensors.torch import load_file
-from test_train import read_metrics, run_cli, train_in_process
+from test_train import offline_wandb_records, read_metrics, run_cli, train_in_process
 
 import train as train_script
 from modules.checkpoint import write_manifest
@@ -306,8 +306,7 @@ def test_report_png_and_wandb_summary(tmp_path, tiny_model_dir, chat_file, eval_
     report = result.output_dir / "report.png"
     assert report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report.stat().st_size > 10_000
     # An offline run keeps everything in its record log, which `wandb sync` uploads later.
-    (record_log,) = (result.output_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    records = record_log.read_bytes()
+    records = offline_wandb_records(result.output_dir)
     for logged in (b"train/loss", b"train/mfu", b"eval/loss", b"samples", b"tokens_seen", b"mean_mfu", b"adapter-"):
         assert logged in records, logged
 

@@ -132,6 +132,19 @@ def train_in_process(tmp_path, model_dir, data, name, *overrides):
     return train_script.train(train_script.parse_args(["--config", str(config), *overrides]))
 
 
+def offline_wandb_records(output_dir: Path) -> bytes:
+    """The record log of the one offline W&B run under output_dir, as `wandb sync` will read it.
+
+    run.finish() returns before W&B's service has closed the log, so its last block may not be on
+    disk yet; a process exit waits for that (wandb's atexit teardown), and so does this.
+    """
+    import wandb
+
+    wandb.teardown()
+    (record_log,) = (output_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    return record_log.read_bytes()
+
+
 def test_saved_adapter_reloads_with_plain_peft_to_the_same_logits(tmp_path, tiny_model_dir, chat_file):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -185,12 +198,11 @@ def test_wandb_offline_run_is_written_under_output_dir(tmp_path, tiny_model_dir,
     result = train_in_process(
         tmp_path, tiny_model_dir, chat_file, "tracked", "train.max_steps=3", "log.wandb.mode=offline"
     )
-    runs = list((result.output_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "an offline W&B run that `wandb sync` can upload"
-    records = next(runs[0].glob("*.wandb")).read_bytes()  # config and logs live in the record log offline
+    records = offline_wandb_records(result.output_dir)  # config and logs live in the record log offline
+    (run_folder,) = (result.output_dir / "wandb").glob("offline-run-*")
     assert b"data_audit" in records and b"packing_efficiency" in records and b"trained_token_fraction" in records
     assert b"resolved" in records  # what the auto settings chose here
-    (example,) = (runs[0] / "files" / "media" / "html" / "data").glob("example*.html")
+    (example,) = (run_folder / "files" / "media" / "html" / "data").glob("example*.html")
     assert '<span style="background:#c8f7c5">Ahoy!' in example.read_text()  # trained tokens highlighted
 
 
