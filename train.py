@@ -45,6 +45,7 @@ from modules.errors import UserError, quiet_progress_off_a_terminal, report_user
 from modules.evaluate import evaluate
 from modules.generation import SampleWriter
 from modules.hardware import memory_after_loading, peak_flops, resolve_attention, resolve_precision
+from modules.loss import CausalLMLoss, compute_loss, language_model
 from modules.model import count_4bit_linears, inspect_model, load_model, load_tokenizer, placement, resolve_compile
 from modules.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from modules.outputs import (
@@ -348,10 +349,11 @@ def new_accelerator(setup: Setup):
 
 
 def load_and_fit_memory(setup: Setup, accelerator) -> tuple[torch.nn.Module, object, Plan]:
-    """The 4-bit model with LoRA on this process's device, its collator, and the plan completed with
-    what loading settled (auto recompute is probed here, on the run's heaviest micro-batch)."""
+    """The 4-bit model with LoRA on this process's device, with its loss (a CausalLMLoss), its collator,
+    and the plan completed with what loading settled (auto recompute is probed here, on the run's
+    heaviest micro-batch)."""
     config, plan = setup.config, setup.plan
-    model = load_model(
+    peft_model = load_model(
         config,
         setup.source,
         setup.tokenizer,
@@ -362,6 +364,7 @@ def load_and_fit_memory(setup: Setup, accelerator) -> tuple[torch.nn.Module, obj
         plan.sharded,
         plan.compiled,
     )
+    model = CausalLMLoss(peft_model, chunked=config.train.chunked_loss)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if config.data.packing:  # varlen kernels take the sample boundaries; sdpa/eager read them from position_ids
         collate = PackedCollator(varlen_kwargs=plan.attention in ("flash_attention_2", VARLEN))
@@ -371,13 +374,13 @@ def load_and_fit_memory(setup: Setup, accelerator) -> tuple[torch.nn.Module, obj
     loading_memory = None if plan.sharded else memory_after_loading(accelerator.device)
     recompute = plan.recompute or decide_recompute(config, accelerator, model, setup.data.train, collate, plan)
     if plan.sharded:
-        configure_fsdp(accelerator, model, plan.precision.compute_dtype)
+        configure_fsdp(accelerator, peft_model, plan.precision.compute_dtype)
     loaded = Loaded(
         trainable_params=trainable,
-        linears_4bit=count_4bit_linears(model),
+        linears_4bit=count_4bit_linears(peft_model),
         recompute=recompute,
         loading_memory=loading_memory,
-        placement=placement(model, torch.cuda.device_count()) if config.model.device_map else None,
+        placement=placement(peft_model, torch.cuda.device_count()) if config.model.device_map else None,
     )
     return model, collate, plan.with_model(loaded)
 
@@ -389,14 +392,14 @@ def decide_recompute(config, accelerator, model, train_set, collate, plan: Plan)
     tokens = batch["input_ids"].numel()
     if accelerator.is_main_process:
         print(f"train.grad_checkpointing auto: probing a step of the heaviest micro-batch ({tokens:,} tokens)")
-    ladder = recompute_ladder(model, config.train.tiled_mlp)
+    ladder = recompute_ladder(language_model(model), config.train.tiled_mlp)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     choice = choose_recompute(model, batch, plan.precision, accelerator.device, trainable, ladder)
     # The rungs climbed, one past the top when even the leanest step ran out of memory.
     rung = len(ladder) if choice.ran_out else ladder.index(choice.rung)
     if accelerator.num_processes > 1:  # every process reaches this gather before any raises
         rung = int(accelerator.gather(torch.tensor([rung], device=accelerator.device)).max())
-    return settle_recompute(model, choice, ladder, rung, tokens)
+    return settle_recompute(language_model(model), choice, ladder, rung, tokens)
 
 
 def start_tracking(setup: Setup, accelerator, plan: Plan):
@@ -464,7 +467,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> torch.Tensor:
         with accelerator.accumulate(model):
             # loss = this micro-batch's summed cross-entropy / the step's label tokens
             with run.offload:
-                loss = model(**batch, num_items_in_batch=step_label_tokens).loss
+                loss = compute_loss(model, batch, step_label_tokens)
             # backward() divides by accum and DDP averages over processes: undo both so the
             # gradient is exactly that of the step's token-weighted mean loss.
             accelerator.backward(loss * accum * accelerator.num_processes)
@@ -536,7 +539,7 @@ def maybe_evaluate(run: Run, step: int) -> tuple[bool, str | None]:
         stop_reason = f"early stopping: no better eval loss in {progress.evals_since_best} evaluations"
     if config.eval.sample_prompts and step < total_steps:
         with run.accelerator.autocast():
-            rows = run.samples.write(run.accelerator.unwrap_model(run.model), run.tokenizer, step)
+            rows = run.samples.write(language_model(run.accelerator.unwrap_model(run.model)), run.tokenizer, step)
         log_samples(run.wandb_run, rows, step)
     return new_best, stop_reason
 
@@ -574,7 +577,7 @@ def finish(run: Run, stop_reason: str | None) -> TrainResult:
     accelerator, progress, output_dir = run.accelerator, run.progress, run.output_dir
     stopped_early = stop_reason is not None and stop_reason.startswith("stopped by")
     accelerator.wait_for_everyone()
-    peft_model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)  # the plain PEFT model again
+    peft_model = language_model(accelerator.unwrap_model(run.model, keep_fp32_wrapper=False))
     wall = time.perf_counter() - run.started
     # Under FSDP the adapter's shards are gathered first, by every process (None: save the model's own).
     resized_embeddings = len(run.tokenizer) > run.plan.summary.vocab_size  # PEFT then saves them with the adapter

@@ -40,6 +40,7 @@ def ours_step(model_dir: Path, recompute: str, tiled_mlp: int | None = None):
     """One optimizer step of train.py's model on one packed row of `length` random tokens."""
     from modules.config import RunConfig
     from modules.hardware import resolve_attention, resolve_precision
+    from modules.loss import CausalLMLoss, compute_loss
     from modules.model import load_model, load_tokenizer, resolve_compile
     from modules.optim import build_optimizer
     from modules.packing import VARLEN, PackedCollator
@@ -60,6 +61,7 @@ def ours_step(model_dir: Path, recompute: str, tiled_mlp: int | None = None):
     compiled = resolve_compile(config, device, sharded=False)
     model = load_model(config, str(model_dir), tokenizer, precision, attention, device, compiled=compiled)
     model.train()
+    with_loss = CausalLMLoss(model, chunked=config.train.chunked_loss)
     optimizer = build_optimizer(model, config.train)
     offload = activation_offload(config.train.grad_checkpointing, model, device)
     collate = PackedCollator(varlen_kwargs=attention in ("flash_attention_2", VARLEN))
@@ -72,7 +74,7 @@ def ours_step(model_dir: Path, recompute: str, tiled_mlp: int | None = None):
             for k, v in collate([[{"input_ids": ids, "labels": ids}]]).items()
         }
         with offload, torch.autocast(device.type, dtype=precision.compute_dtype, enabled=precision.mixed != "no"):
-            loss = model(**batch, num_items_in_batch=torch.tensor(length - 1, device=device)).loss
+            loss = compute_loss(with_loss, batch, length - 1)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from modules.distributed import gather_trainable_state, is_fsdp, whole_state_options
 from modules.errors import UserError
+from modules.loss import language_model
 from modules.outputs import room_to_write, write_text_atomic
 from modules.tracking import read_metrics
 
@@ -181,7 +182,7 @@ def save_training_state(accelerator, model, optimizer, scheduler, folder: Path) 
             save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(folder / TRAINABLE_FILE))
         else:
             optimizer_state = optimizer.state_dict()
-            accelerator.unwrap_model(model).save_pretrained(folder / "adapter", safe_serialization=True)
+            language_model(accelerator.unwrap_model(model)).save_pretrained(folder / "adapter", safe_serialization=True)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "scaler": scaler}
         save_tree(folder / TRAINING_STATE, state)
@@ -324,13 +325,14 @@ def load_training_state(accelerator, model, optimizer, scheduler, folder: Path) 
         state = load_tree(folder / TRAINING_STATE)
         rng = load_tree(folder / rng_file(accelerator.process_index))
         if is_fsdp(model):
-            weights = load_file(str(folder / TRAINABLE_FILE))
+            # Saved under the PEFT model's names; set_state_dict takes them as the CausalLMLoss names them.
+            weights = {f"lm.{name}": tensor for name, tensor in load_file(str(folder / TRAINABLE_FILE)).items()}
             options = StateDictOptions(full_state_dict=True, strict=False)
             set_state_dict(
                 model, optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"], options=options
             )
         else:
-            peft_model = accelerator.unwrap_model(model)
+            peft_model = language_model(accelerator.unwrap_model(model))
             weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"), device=str(accelerator.device))
             result = set_peft_model_state_dict(peft_model, weights)
             # Trained token rows of an lm_head tied to the embedding are saved twice; the model holds them once.

@@ -111,8 +111,8 @@ def configure_fsdp(accelerator, model: torch.nn.Module, compute_dtype: torch.dty
 
 
 def canonical_name(name: str) -> str:
-    """A parameter's name in the unwrapped model, whatever DDP or FSDP wrapped around it."""
-    return name.removeprefix("module.").replace("_fsdp_wrapped_module.", "")
+    """A parameter's name in the PEFT model, whatever DDP, FSDP or CausalLMLoss (`lm`) wrapped around it."""
+    return name.removeprefix("module.").replace("_fsdp_wrapped_module.", "").removeprefix("lm.")
 
 
 def whole_state_options(frozen_too: bool = False):

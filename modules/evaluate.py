@@ -5,12 +5,14 @@ import math
 import torch
 
 from modules.distributed import is_fsdp
+from modules.loss import compute_loss
 from modules.tokens import count_label_tokens
 
 
 @torch.no_grad()
 def evaluate(accelerator, model, eval_set, collate, micro_batch_size: int) -> dict[str, float]:
     """Mean cross-entropy over every label token of the eval rows, as if computed in one batch.
+    `model` is the run's CausalLMLoss as accelerate prepared it.
 
     Each process takes its own contiguous shard (no padding duplicates) and runs the unwrapped
     model, so uneven shards need no collective inside the forward. Under FSDP every forward is a
@@ -37,8 +39,7 @@ def evaluate(accelerator, model, eval_set, collate, micro_batch_size: int) -> di
             for name, value in (batches[index] if counted else filler).items()
         }
         with accelerator.autocast():
-            # num_items_in_batch=1 makes the model return the summed, not the mean, cross-entropy
-            loss = runner(**batch, num_items_in_batch=one).loss.float()
+            loss = compute_loss(runner, batch, one).float()  # divided by 1: the summed cross-entropy
         if counted:
             loss_sum += loss
             tokens += count_label_tokens(batch["labels"])

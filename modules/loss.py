@@ -1,21 +1,22 @@
-"""Chunked linear cross-entropy: the loss without materialising the logits of the whole batch.
+"""The training loss: summed cross-entropy over the trained tokens, divided by the step's label tokens.
 
-A causal LM's forward computes logits for every position: batch x tokens x vocab, which for a
-128k vocabulary is ~1 GiB of bf16 logits per 4k tokens, plus their fp32 copy and gradient. Here
-the model's forward is replaced (on this instance only) when labels are given: the decoder's last
-hidden states are taken at the trained positions only, and lm_head + cross-entropy run on chunks
-of them under activation checkpointing, so at most one chunk of logits exists at a time and it is
-recomputed in backward. The sum is exact, token for token, and divided by num_items_in_batch like
-transformers' own loss. Without labels (generation) the model's own forward runs unchanged.
+Everything that computes a loss (the loop, evaluation, the memory probe, the benchmarks) calls
+`compute_loss` on a `CausalLMLoss`, the one module that DDP and FSDP wrap, so the loss runs inside
+their forward (DDP sets up its gradient all-reduce there, FSDP its weight gathers).
+
+Where the architecture allows, the logits of the whole batch are never materialised: a causal LM's
+head computes batch x tokens x vocab logits, which for a 128k vocabulary is ~1 GiB of bf16 per
+4k tokens, plus their fp32 copy and gradient. Instead the decoder's last hidden states are taken
+at the trained positions only, and lm_head + cross-entropy run on chunks of them under activation
+checkpointing, so at most one chunk of logits exists at a time and it is recomputed in backward.
+The sum is exact, token for token. Other architectures use transformers' own loss.
 """
-
-import types
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from modules.distributed import is_fsdp
-from modules.tokens import IGNORE_INDEX, count_label_tokens
+from modules.tokens import IGNORE_INDEX
 
 # Architectures whose logits are exactly lm_head(last hidden state): no softcapping, no scaling.
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -50,23 +51,43 @@ def chunked_cross_entropy(
     return total
 
 
-def use_chunked_loss(model: torch.nn.Module, chunk: int = CHUNK_TOKENS) -> None:
-    """Make `model` (a transformers causal LM) compute its loss by chunks whenever labels are given."""
-    own_forward = model.forward
+class CausalLMLoss(torch.nn.Module):
+    """A causal LM (here a PEFT model) and its training loss, as one module for DDP and FSDP to wrap."""
 
-    def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
-        if labels is None:
-            return own_forward(input_ids=input_ids, **kwargs)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
+    def __init__(self, lm: torch.nn.Module, chunked: bool, chunk: int = CHUNK_TOKENS):
+        super().__init__()
+        self.lm = lm
+        self.chunked = chunked and supports_chunked_loss(lm.config)
+        self.chunk = chunk
+        self.training = lm.training  # as it was handed over (a new module would say training)
+        # accelerate reads these to leave a 4-bit model where it was loaded (spread, under device_map auto).
+        for name in ("hf_device_map", "is_loaded_in_4bit"):
+            if hasattr(lm, name):
+                setattr(self, name, getattr(lm, name))
 
-        kwargs = {key: value for key, value in kwargs.items() if value is not None and key != "return_dict"}
-        kwargs["use_cache"] = False
-        decoder = getattr(self, self.base_model_prefix)
-        hidden = decoder(input_ids=input_ids, **kwargs).last_hidden_state
-        total = chunked_cross_entropy(hidden, self.get_output_embeddings(), labels, chunk)
-        count = num_items_in_batch if num_items_in_batch is not None else count_label_tokens(labels)
-        if torch.is_tensor(count):
-            count = count.to(total.device)
-        return CausalLMOutputWithPast(loss=total / count, logits=None)
+    def forward(self, batch: dict, label_tokens: torch.Tensor) -> torch.Tensor:
+        if not self.chunked:
+            return self.lm(**batch, num_items_in_batch=label_tokens, use_cache=False).loss
+        inputs = {name: value for name, value in batch.items() if name != "labels"}
+        causal_lm = self.lm.get_base_model()  # the transformers model, its linears LoRA-wrapped in place
+        decoder = getattr(causal_lm, causal_lm.base_model_prefix)
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state
+        total = chunked_cross_entropy(hidden, causal_lm.get_output_embeddings(), batch["labels"], self.chunk)
+        return total / label_tokens.to(total.device)
 
-    model.forward = types.MethodType(forward, model)
+
+def compute_loss(model: torch.nn.Module, batch: dict, label_tokens: torch.Tensor | int) -> torch.Tensor:
+    """Summed cross-entropy of `batch`'s trained tokens / `label_tokens` (1: the plain sum).
+
+    `model` is a CausalLMLoss, bare or wrapped by DDP/FSDP; label_tokens is usually the label count
+    of a whole step (count_label_tokens over its micro-batches and processes), so that summing the
+    micro-batches' losses gives the step's token-weighted mean.
+    """
+    if not torch.is_tensor(label_tokens):
+        label_tokens = torch.tensor(label_tokens, device=batch["input_ids"].device)
+    return model(batch, label_tokens)
+
+
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The PEFT model inside an unwrapped CausalLMLoss (generation and saving use it directly)."""
+    return model.lm

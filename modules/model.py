@@ -16,7 +16,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from modules.config import RunConfig
 from modules.errors import UserError
 from modules.hardware import Precision
-from modules.loss import supports_chunked_loss, use_chunked_loss
 from modules.packing import VARLEN, register_varlen_attention
 from modules.recompute import decoder_layers, resolve_recompute, set_checkpointing, tile_decoder_mlps
 from modules.tokens import choose_pad_token
@@ -164,8 +163,6 @@ def load_model(
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    if config.train.chunked_loss and supports_chunked_loss(model.config):
-        use_chunked_loss(model)
     resolved = resolve_recompute(config, torch.device(device), sharded)  # None: auto, probed after loading
     if resolved is not None and resolved.mode:
         set_checkpointing(model, True)

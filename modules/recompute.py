@@ -16,6 +16,7 @@ import torch
 from modules.config import RunConfig
 from modules.errors import UserError
 from modules.hardware import Precision
+from modules.loss import compute_loss, language_model
 from modules.packing import PackedDataset
 from modules.tiling import is_dense_mlp, tile_mlps
 from modules.tokens import count_label_tokens
@@ -152,10 +153,10 @@ def heaviest_batch(dataset, collate, rows: int) -> dict[str, torch.Tensor]:
 
 
 def probe_step(model, batch: dict, mode: Recompute, precision: Precision, device: torch.device) -> int | None:
-    """The peak GPU memory (bytes reserved) of one forward and backward of `batch` with recompute
-    `mode`, or None when it ran out of memory. Leaves no gradients and the RNG states as they were;
-    on the CPU, where memory is not counted, the peak reads 0."""
-    set_recompute(model, mode)
+    """The peak GPU memory (bytes reserved) of one forward and backward of `batch` through `model`
+    (a CausalLMLoss) with recompute `mode`, or None when it ran out of memory. Leaves no gradients
+    and the RNG states as they were; on the CPU, where memory is not counted, the peak reads 0."""
+    set_recompute(language_model(model), mode)
     was_training = model.training
     model.train()  # as the run will: checkpointing and dropout act in training mode only
     batch = {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
@@ -169,7 +170,7 @@ def probe_step(model, batch: dict, mode: Recompute, precision: Precision, device
     with torch.random.fork_rng(devices=[device] if cuda else []):
         try:
             with autocast, activation_offload(mode, model, device):
-                loss = model(**batch, num_items_in_batch=label_tokens).loss
+                loss = compute_loss(model, batch, label_tokens)
             loss.backward()
         except torch.OutOfMemoryError:
             ran_out = True  # the traceback, which holds the step's tensors, goes with this block
@@ -236,11 +237,11 @@ def use_rung(model, rung: Rung) -> None:
 def choose_recompute(
     model, batch: dict, precision: Precision, device: torch.device, trainable: int, ladder: tuple[Rung, ...]
 ) -> RecomputeChoice:
-    """train.grad_checkpointing auto on one GPU: probe the run's heaviest micro-batch up `ladder`,
-    fastest first. The model is left on the chosen rung, the last one probed."""
+    """train.grad_checkpointing auto on one GPU: probe the run's heaviest micro-batch through `model`
+    (a CausalLMLoss) up `ladder`, fastest first. The model is left on the chosen rung, the last one probed."""
 
     def probe(rung: Rung) -> int | None:
-        use_rung(model, rung)
+        use_rung(language_model(model), rung)
         return probe_step(model, batch, rung[0], precision, device)
 
     return climb_recompute(probe, BYTES_AFTER_PROBE * trainable, gpu_budget(device), ladder)

@@ -35,10 +35,11 @@ from modules.distributed import (  # noqa: E402
     trainable_wrap_policy,
 )
 from modules.hardware import Precision
+from modules.loss import CausalLMLoss, compute_loss  # noqa: E402
 from modules.model import inspect_model, load_model, load_tokenizer  # noqa: E402
 from modules.optim import build_optimizer  # noqa: E402
 from modules.packing import PackedCollator, PackedDataset  # noqa: E402
-from modules.tokens import IGNORE_INDEX
+from modules.tokens import count_label_tokens
 
 GLOBAL_ROWS = 4
 STEPS = 3
@@ -57,9 +58,10 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
     torch.manual_seed(config.train.seed)
     cpu = torch.device("cpu")
     precision = Precision(mixed="no", compute_dtype=torch.float32)
-    model = load_model(
+    peft_model = load_model(
         config, config.model.name_or_path, tokenizer, precision, "sdpa", cpu, data.trainable_token_ids, sharded
     )
+    model = CausalLMLoss(peft_model, chunked=config.train.chunked_loss)
     resized = len(tokenizer) > inspect_model(config, config.model.name_or_path).vocab_size
     matrices = {canonical_name(name) for name, p in model.named_parameters() if p.requires_grad and p.ndim >= 2}
     storage = {p.dtype for p in model.parameters() if type(p).__name__ == "Params4bit"}
@@ -67,7 +69,7 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         model = FullyShardedDataParallel(
-            model, auto_wrap_policy=trainable_wrap_policy(model), device_id=cpu, use_orig_params=True
+            model, auto_wrap_policy=trainable_wrap_policy(peft_model), device_id=cpu, use_orig_params=True
         )
     elif distributed:
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -80,12 +82,12 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
     rows = [data.train[i] for i in range(GLOBAL_ROWS)]
     per_rank = GLOBAL_ROWS // world
     batch = collate(rows[rank * per_rank : (rank + 1) * per_rank])  # one packed row per process
-    label_tokens = torch.tensor((batch["labels"][:, 1:] != IGNORE_INDEX).sum().item())
+    label_tokens = count_label_tokens(batch["labels"])
     if distributed:
         dist.all_reduce(label_tokens)
 
     def step() -> float:
-        loss = model(**batch, num_items_in_batch=label_tokens).loss
+        loss = compute_loss(model, batch, label_tokens)
         (loss * world).backward()  # FSDP/DDP average gradients over processes; the loss is a global sum already
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -116,7 +118,7 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
     evaluation = evaluate(accelerator, model, eval_rows, collate, micro_batch_size=1)
     whole = adapter_state(model, resized) if sharded else None
     if rank == 0:
-        save_adapter(model.module if distributed else model, whole, out / "adapter")
+        save_adapter(peft_model, whole, out / "adapter")
 
     # A checkpoint round trip: one more step, then back to the checkpoint and the same step again.
     (out / "checkpoint").mkdir(parents=True, exist_ok=True)

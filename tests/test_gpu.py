@@ -111,6 +111,7 @@ def test_auto_recompute_probes_one_step_and_trains_without_checkpointing_where_i
 def test_each_rung_of_the_recompute_ladder_needs_less_memory_on_long_rows(tiny_model_dir):
     from modules.config import RunConfig
     from modules.hardware import Precision
+    from modules.loss import CausalLMLoss
     from modules.model import load_model, load_tokenizer
     from modules.recompute import probe_step
 
@@ -123,7 +124,8 @@ def test_each_rung_of_the_recompute_ladder_needs_less_memory_on_long_rows(tiny_m
     model = load_model(config, str(tiny_model_dir), tokenizer, precision, "sdpa", cuda)
     ids = torch.randint(3, 300, (4, 4096))  # whole rows: causal attention, no mask to dominate the peak
     batch = {"input_ids": ids, "labels": ids}
-    peaks = {mode: probe_step(model, batch, mode, precision, cuda) for mode in (False, True, "offload")}
+    with_loss = CausalLMLoss(model, chunked=True)
+    peaks = {mode: probe_step(with_loss, batch, mode, precision, cuda) for mode in (False, True, "offload")}
     print({mode: f"{peak / 2**20:.0f} MiB" for mode, peak in peaks.items()})  # for the record (pytest -s)
     assert peaks[False] > peaks[True] >= peaks["offload"] > 0, peaks
     assert all(p.grad is None for p in model.parameters())

@@ -1,10 +1,10 @@
-"""Chunked linear cross-entropy equals the model's own loss, and its gradients, without full logits."""
+"""The chunked linear cross-entropy equals the model's own loss, and its gradients, without full logits."""
 
 import pytest
 import torch
 from conftest import nf4
 
-from modules.loss import chunked_cross_entropy, use_chunked_loss
+from modules.loss import CausalLMLoss, chunked_cross_entropy, compute_loss
 from modules.packing import PackedCollator
 from modules.tokens import IGNORE_INDEX
 
@@ -41,7 +41,7 @@ def batch():
 
 def loss_and_grads(model, inputs, count):
     model.zero_grad()
-    loss = model(**inputs, num_items_in_batch=count).loss
+    loss = compute_loss(model, inputs, count)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -52,20 +52,23 @@ def test_chunked_loss_equals_the_models_own_loss_and_gradients(tiny_model_dir, w
     rows = inputs["input_ids"][0, 20:23].tolist()  # tokens the batch has, so their rows get gradients
     trainable_tokens = {"embed_tokens": rows, "lm_head": rows} if with_tokens else None
     count = torch.tensor(80)  # as if the step had more label tokens on other micro-batches
-    reference = lora_model(tiny_model_dir, trainable_tokens)
+    reference = CausalLMLoss(lora_model(tiny_model_dir, trainable_tokens), chunked=False)  # transformers' loss
     expected_loss, expected_grads = loss_and_grads(reference, inputs, count)
-    chunked = lora_model(tiny_model_dir, trainable_tokens)
-    use_chunked_loss(chunked.base_model.model, chunk=16)  # several chunks, the last one partial
-    loss, grads = loss_and_grads(chunked, inputs, count)
+    chunked = CausalLMLoss(lora_model(tiny_model_dir, trainable_tokens), chunked=True, chunk=16)
+    rows_per_head_call = []
+    chunked.lm.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: rows_per_head_call.append(args[0].shape[:-1].numel())
+    )
+    loss, grads = loss_and_grads(chunked, inputs, count)  # several chunks, the last one partial
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     assert grads.keys() == expected_grads.keys()
     for name, grad in expected_grads.items():
         error = (grads[name] - grad).norm() / grad.norm()
         assert error < 1e-4, f"{name}: relative gradient error {error:.2e}"
-    assert chunked(**inputs, num_items_in_batch=count).logits is None  # the whole batch's logits never exist
-    with torch.no_grad():  # without labels (generation) the model's own forward runs
+    assert max(rows_per_head_call) <= 16 < inputs["input_ids"].numel()  # the whole batch's logits never exist
+    with torch.no_grad():  # generation runs the PEFT model's own forward
         plain = {k: v for k, v in inputs.items() if k != "labels"}
-        torch.testing.assert_close(chunked(**plain).logits, reference(**plain).logits)
+        torch.testing.assert_close(chunked.lm(**plain).logits, reference.lm(**plain).logits)
 
 
 def test_only_labelled_positions_reach_lm_head():

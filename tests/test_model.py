@@ -175,9 +175,17 @@ def packed_batches(lengths_per_batch: list[list[int]]) -> list[dict]:
     return batches
 
 
+def run_loss(model, batch: dict) -> torch.Tensor:
+    """The training loss as a run computes it (chunked), as the batch's mean over its label tokens."""
+    from modules.loss import CausalLMLoss, compute_loss
+    from modules.tokens import count_label_tokens
+
+    return compute_loss(CausalLMLoss(model, chunked=True), batch, count_label_tokens(batch["labels"]))
+
+
 def loss_and_gradients(model, batch: dict, context=None):
     with context or contextlib.nullcontext():
-        loss = model(**batch).loss
+        loss = run_loss(model, batch)
     loss.backward()
     gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -377,6 +385,7 @@ def test_the_tiled_rung_tiles_mlps_that_compiled_layers_already_ran_whole(tiny_m
 
 
 def test_a_probe_step_runs_the_mode_asked_and_leaves_no_trace(tiny_model_dir):
+    from modules.loss import CausalLMLoss
     from modules.recompute import probe_step
 
     model, _ = lora_model(tiny_model_dir, dropout=0.1)  # auto on the CPU: checkpointing on
@@ -391,7 +400,7 @@ def test_a_probe_step_runs_the_mode_asked_and_leaves_no_trace(tiny_model_dir):
     precision = Precision("no", torch.float32)
     for mode, forwards in ((False, 1), (True, 2), ("offload", 2)):  # checkpointing runs the layer again
         calls.clear()
-        assert probe_step(model, batch, mode, precision, CPU) == 0  # the CPU's memory is not counted
+        assert probe_step(CausalLMLoss(model, chunked=True), batch, mode, precision, CPU) == 0  # memory not counted
         assert len(calls) == forwards, mode
         assert is_checkpointing(model.get_base_model()) is bool(mode)
     assert torch.equal(torch.get_rng_state(), rng)  # though dropout drew masks
@@ -403,13 +412,14 @@ def test_a_probe_step_runs_the_mode_asked_and_leaves_no_trace(tiny_model_dir):
 
 
 def test_a_probe_step_takes_the_varlen_collators_batches_whose_lengths_are_integers(tiny_model_dir):
+    from modules.loss import CausalLMLoss
     from modules.packing import PackedCollator
     from modules.recompute import probe_step
 
     model, _ = lora_model(tiny_model_dir)
     batch = PackedCollator(varlen_kwargs=True)([[{"input_ids": [5] * 30, "labels": [5] * 30}] * 2])
     assert any(isinstance(value, int) for value in batch.values())  # max_length_q / max_length_k
-    assert probe_step(model, batch, False, Precision("no", torch.float32), CPU) == 0
+    assert probe_step(CausalLMLoss(model, chunked=True), batch, False, Precision("no", torch.float32), CPU) == 0
 
 
 def test_placement_names_the_devices_that_hold_the_decoder_layers():
@@ -453,7 +463,7 @@ def saved_bytes(model, batch: dict) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**batch).loss.backward()
+        run_loss(model, batch).backward()
     model.zero_grad(set_to_none=True)
     return sum(storages.values())
 

@@ -166,7 +166,8 @@ def test_sigterm_checkpoints_and_the_run_resumes_to_the_end(tmp_path, tiny_model
 
 
 def nan_on_forward(monkeypatch, bad_calls):
-    """Make the model's loss NaN on the given forward calls (1-based), as a diverging step would."""
+    """Make the decoder's output, and so the loss, NaN on the given forward calls (1-based), as a
+    diverging step would."""
     real_load_model = train_script.load_model
     calls = {"n": 0}
 
@@ -176,10 +177,10 @@ def nan_on_forward(monkeypatch, bad_calls):
         def poison(module, args, kwargs, output):
             calls["n"] += 1
             if calls["n"] in bad_calls or "all" in bad_calls:
-                output.loss = output.loss * float("nan")
+                output.last_hidden_state = output.last_hidden_state * float("nan")
             return output
 
-        model.register_forward_hook(poison, with_kwargs=True)
+        model.get_base_model().model.register_forward_hook(poison, with_kwargs=True)
         return model
 
     monkeypatch.setattr(train_script, "load_model", load_model)
