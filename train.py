@@ -61,12 +61,12 @@ from modules.plan import Loaded, Plan, print_plan
 from modules.recompute import (
     RecomputeChoice,
     activation_offload,
+    agree_recompute,
     check_tiled_mlp,
     choose_recompute,
     heaviest_batch,
     recompute_ladder,
     resolve_recompute,
-    settle_recompute,
 )
 from modules.report import write_report
 from modules.signals import StopSignal
@@ -372,7 +372,7 @@ def load_and_fit_memory(setup: Setup, accelerator) -> tuple[torch.nn.Module, obj
         collate = PaddingCollator(setup.tokenizer.pad_token_id)
     # Read before any probe step; FSDP's is read once sharded (start()).
     loading_memory = None if plan.sharded else memory_after_loading(accelerator.device)
-    recompute = plan.recompute or decide_recompute(config, accelerator, model, setup.data.train, collate, plan)
+    recompute = plan.recompute or auto_recompute(config, accelerator, model, setup.data.train, collate, plan)
     if plan.sharded:
         configure_fsdp(accelerator, peft_model, plan.precision.compute_dtype)
     loaded = Loaded(
@@ -385,7 +385,7 @@ def load_and_fit_memory(setup: Setup, accelerator) -> tuple[torch.nn.Module, obj
     return model, collate, plan.with_model(loaded)
 
 
-def decide_recompute(config, accelerator, model, train_set, collate, plan: Plan) -> RecomputeChoice:
+def auto_recompute(config, accelerator, model, train_set, collate, plan: Plan) -> RecomputeChoice:
     """train.grad_checkpointing auto on GPUs: probe the run's heaviest micro-batch up the ladder; under
     DDP every process then takes the leanest choice any of them needed, so all recompute alike."""
     batch = heaviest_batch(train_set, collate, config.train.micro_batch_size)
@@ -399,7 +399,7 @@ def decide_recompute(config, accelerator, model, train_set, collate, plan: Plan)
     rung = len(ladder) if choice.ran_out else ladder.index(choice.rung)
     if accelerator.num_processes > 1:  # every process reaches this gather before any raises
         rung = int(accelerator.gather(torch.tensor([rung], device=accelerator.device)).max())
-    return settle_recompute(language_model(model), choice, ladder, rung, tokens)
+    return agree_recompute(language_model(model), choice, ladder, rung, tokens)
 
 
 def start_tracking(setup: Setup, accelerator, plan: Plan):
@@ -625,9 +625,7 @@ def save_final_adapter(run: Run, peft_model, whole_adapter, wall: float) -> Path
     def write_adapter(folder: Path) -> None:
         save_adapter(peft_model, whole_adapter, folder)
         run.tokenizer.save_pretrained(folder)
-        card = model_card(
-            run.config, run.plan.audit, run.progress.optimizer_step, run.losses, wall, run.plan.rows_per_step
-        )
+        card = model_card(run.plan, run.progress.optimizer_step, run.losses, wall)
         (folder / "README.md").write_text(card)  # replaces PEFT's empty template
 
     adapter_dir = output_dir / "adapter"

@@ -77,6 +77,12 @@ class Plan:
 
 def print_plan(plan: Plan) -> None:
     """The data audit's example sample, then one row per decision the run made."""
+    print_audit(plan.audit)
+    print("Plan:\n" + format_plan(plan_rows(plan)), flush=True)
+
+
+def plan_rows(plan: Plan) -> list[tuple[str, str]]:
+    """(label, value) for each decision the run made: the printed plan and the model card."""
     config, summary, audit, train = plan.config, plan.summary, plan.audit, plan.config.train
     quant = config.quant
     if plan.loaded is not None:
@@ -125,8 +131,7 @@ def print_plan(plan: Plan) -> None:
     ]
     if plan.resumed_from is not None:
         rows.append(("resumed from", f"{plan.resumed_from} (step {plan.resumed_step})"))
-    print_audit(audit)
-    print("Plan:\n" + format_plan(rows), flush=True)
+    return rows
 
 
 def recompute_line(plan: Plan) -> str:

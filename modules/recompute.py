@@ -3,6 +3,10 @@
 Gradient checkpointing on or off, layer inputs offloaded to pinned CPU memory, MLPs in tiles, and
 train.grad_checkpointing auto, which probes one step of the heaviest micro-batch on each rung of
 the ladder (off, on, offload, offload with tiled MLPs) and keeps the first that fits the GPU.
+
+One vocabulary: a *rung* is (recompute mode, MLP tile); *resolve* reads the config, *choose*
+probes the ladder on one process (the first fitting rung), *agree* makes every process take the
+leanest rung any of them needed, *apply* puts a model on a mode or rung.
 """
 
 import contextlib
@@ -115,7 +119,7 @@ def resolve_recompute(config: RunConfig, device: torch.device, sharded: bool) ->
     return None
 
 
-def set_recompute(model: torch.nn.Module, mode: Recompute) -> None:
+def apply_recompute(model: torch.nn.Module, mode: Recompute) -> None:
     """Gradient checkpointing on or off on the PEFT model's base."""
     set_checkpointing(model.get_base_model(), bool(mode))
 
@@ -156,7 +160,7 @@ def probe_step(model, batch: dict, mode: Recompute, precision: Precision, device
     """The peak GPU memory (bytes reserved) of one forward and backward of `batch` through `model`
     (a CausalLMLoss) with recompute `mode`, or None when it ran out of memory. Leaves no gradients
     and the RNG states as they were; on the CPU, where memory is not counted, the peak reads 0."""
-    set_recompute(language_model(model), mode)
+    apply_recompute(language_model(model), mode)
     was_training = model.training
     model.train()  # as the run will: checkpointing and dropout act in training mode only
     batch = {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
@@ -194,7 +198,7 @@ def gpu_budget(device: torch.device) -> int:
     return min(capacity, int(total * fraction))
 
 
-def climb_recompute(probe, extra: int, budget: int, ladder: tuple[Rung, ...] = RECOMPUTE_LADDER) -> RecomputeChoice:
+def first_fitting_rung(probe, extra: int, budget: int, ladder: tuple[Rung, ...] = RECOMPUTE_LADDER) -> RecomputeChoice:
     """Walk `ladder` with `probe(rung) -> peak bytes or None` until a step fits the budget.
 
     The leanest rung is taken when nothing fit but it ran: nothing leaner is left, and it may
@@ -224,14 +228,14 @@ def recompute_ladder(model, tiled_mlp: int | None) -> tuple[Rung, ...]:
     return RECOMPUTE_LADDER
 
 
-def use_rung(model, rung: Rung) -> None:
+def apply_rung(model, rung: Rung) -> None:
     """Put the model on `rung`: its recompute, and its MLPs in tiles if the rung tiles. Tiling cannot
     be undone, which is why auto's tiled rung is the last. Compiled layers that ran whole MLPs notice
     the new MLP forward and compile again (a test checks)."""
     mode, tiles = rung
     if tiles:
         tile_decoder_mlps(model, tiles)
-    set_recompute(model, mode)
+    apply_recompute(model, mode)
 
 
 def choose_recompute(
@@ -241,13 +245,13 @@ def choose_recompute(
     (a CausalLMLoss) up `ladder`, fastest first. The model is left on the chosen rung, the last one probed."""
 
     def probe(rung: Rung) -> int | None:
-        use_rung(language_model(model), rung)
+        apply_rung(language_model(model), rung)
         return probe_step(model, batch, rung[0], precision, device)
 
-    return climb_recompute(probe, BYTES_AFTER_PROBE * trainable, gpu_budget(device), ladder)
+    return first_fitting_rung(probe, BYTES_AFTER_PROBE * trainable, gpu_budget(device), ladder)
 
 
-def settle_recompute(
+def agree_recompute(
     model, choice: RecomputeChoice, ladder: tuple[Rung, ...], rung: int, tokens: int
 ) -> RecomputeChoice:
     """Put the model on `rung` of `ladder`: this process's choice, or a leaner one another DDP process
@@ -263,7 +267,7 @@ def settle_recompute(
         )
     if ladder[rung] == choice.rung:
         return choice
-    use_rung(model, ladder[rung])
+    apply_rung(model, ladder[rung])
     why = f"auto: another process needed it; here {choice.why.removeprefix('auto: ')}"
     return RecomputeChoice(ladder[rung][0], why, tiled=ladder[rung][1])
 

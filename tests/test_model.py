@@ -286,7 +286,7 @@ def test_auto_recompute_is_measured_only_where_one_step_fills_one_whole_gpu():
 
 
 def test_auto_recompute_keeps_the_fastest_step_that_fits_and_probes_no_further():
-    from modules.recompute import AUTO_TILE_TOKENS, MEMORY_HEADROOM, RECOMPUTE_LADDER, climb_recompute
+    from modules.recompute import AUTO_TILE_TOKENS, MEMORY_HEADROOM, RECOMPUTE_LADDER, first_fitting_rung
 
     gib = 2**30
     budget = 80 * gib
@@ -299,7 +299,7 @@ def test_auto_recompute_keeps_the_fastest_step_that_fits_and_probes_no_further()
             probed.append(rung)
             return peaks[rung]
 
-        return climb_recompute(probe, extra, budget, ladder), probed
+        return first_fitting_rung(probe, extra, budget, ladder), probed
 
     roomy = {(False, None): 60 * gib, (True, None): 10 * gib, ("offload", None): 8 * gib, tiled: 6 * gib}
     choice, probed = climb(roomy)
@@ -334,17 +334,17 @@ def test_auto_climbs_to_tiled_mlps_only_where_there_are_whole_dense_mlps_to_tile
 
 
 def test_every_ddp_process_settles_on_the_leanest_rung_any_of_them_needed(tiny_model_dir):
-    from modules.recompute import RECOMPUTE_LADDER, RecomputeChoice, settle_recompute, use_rung
+    from modules.recompute import RECOMPUTE_LADDER, RecomputeChoice, agree_recompute, apply_rung
 
     ladder = (*RECOMPUTE_LADDER[:-1], ("offload", 32))  # tiles this tiny batch can show
     (batch,) = packed_batches([[60, 36]])  # 96 tokens
     model, _ = lora_model(tiny_model_dir, grad_checkpointing=False)
     model.train()
     mine = RecomputeChoice(False, "auto: a step peaked at 1.0 GiB, within 90% of 80.0 GiB")
-    assert settle_recompute(model, mine, ladder, 0, 96) is mine  # nobody needed more
+    assert agree_recompute(model, mine, ladder, 0, 96) is mine  # nobody needed more
     with pytest.raises(UserError, match="even with checkpointing offloaded to CPU memory and MLPs in tiles of 32"):
-        settle_recompute(model, mine, ladder, len(ladder), 96)  # one process ran out on every rung
-    settled = settle_recompute(model, mine, ladder, 3, 96)  # another process needed the tiled rung
+        agree_recompute(model, mine, ladder, len(ladder), 96)  # one process ran out on every rung
+    settled = agree_recompute(model, mine, ladder, 3, 96)  # another process needed the tiled rung
     assert settled.rung == ("offload", 32) and "another process needed it" in settled.why
     assert is_checkpointing(model.get_base_model())
     calls = count_mlp_passes(model)
@@ -352,7 +352,7 @@ def test_every_ddp_process_settles_on_the_leanest_rung_any_of_them_needed(tiny_m
     assert len(calls) == 3  # tiled here too: 3 tiles of 32 (a whole MLP is one pass)
     mlp = model.get_base_model().model.layers[0].mlp
     forward = mlp.forward
-    use_rung(model, ("offload", 32))  # as every probe does: tiled alike already, left as it is
+    apply_rung(model, ("offload", 32))  # as every probe does: tiled alike already, left as it is
     assert mlp.forward is forward  # so compiled layers need not recompile
 
 
@@ -366,14 +366,14 @@ def count_mlp_passes(model) -> list[int]:
 @pytest.mark.slow
 def test_the_tiled_rung_tiles_mlps_that_compiled_layers_already_ran_whole(tiny_model_dir):
     from modules.model import compile_decoder_layers
-    from modules.recompute import use_rung
+    from modules.recompute import apply_rung
 
     (batch,) = packed_batches([[60, 36]])  # 96 tokens: 3 tiles of 32
     model, _ = lora_model(tiny_model_dir)
     model.train()
     compile_decoder_layers(model)
     loss, gradients = loss_and_gradients(model, batch)  # compiled, whole MLPs
-    use_rung(model, ("offload", 32))
+    apply_rung(model, ("offload", 32))
     assert is_checkpointing(model.get_base_model())
     calls = count_mlp_passes(model)  # the compiled graph runs a whole MLP without calling its hooks
     model(**batch)
