@@ -679,6 +679,12 @@ def print_summary(summary: dict, stop_reason, output_dir: Path, adapter_dir, rep
         return
     where = f"adapter: {adapter_dir}" + (f"; report: {report}" if report else "")
     print(f"Done{' (' + stop_reason + ')' if stop_reason else ''}: {line}; {where}", flush=True)
+    if adapter_dir is not None:
+        print(
+            f"Next: python chat.py {adapter_dir}                              (talk to it)\n"
+            f"      python merge.py {adapter_dir} --gguf {output_dir}/model.gguf   (one file for llama.cpp, Ollama)",
+            flush=True,
+        )
 
 
 def print_answers(rows: list[dict]) -> None:

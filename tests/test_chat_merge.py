@@ -94,6 +94,42 @@ def test_merge_never_writes_over_an_existing_folder(adapter_dir, tmp_path):
     assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
 
 
+@pytest.mark.parametrize("gguf_type", ["bf16", "q8_0"])
+def test_merge_to_gguf_reads_back_in_transformers_like_the_merged_model(adapter_dir, tmp_path, gguf_type):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = tmp_path / "out" / "model.gguf"
+    merged_dir = tmp_path / "merged"
+    result = run_tool("merge.py", str(adapter_dir), str(merged_dir), "--gguf", str(gguf_file), "--gguf-type", gguf_type)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"llama-cli -m {gguf_file}" in result.stdout
+    modelfile = (tmp_path / "out" / "model.Modelfile").read_text()
+    assert "FROM ./model.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # the training tokenizer
+    read_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    chat = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+    assert read_tokenizer(chat)["input_ids"] == tokenizer(chat)["input_ids"]
+    assert read_tokenizer.chat_template == tokenizer.chat_template and read_tokenizer.eos_token == tokenizer.eos_token
+
+    ids = torch.tensor([tokenizer(chat)["input_ids"]])
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    from_gguf = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    with torch.no_grad():
+        expected, got = merged(ids).logits, from_gguf(ids).logits
+    error = ((got - expected).abs().max() / expected.abs().max()).item()
+    print(f"{gguf_type}: largest logit difference {error:.2e} of the largest logit")  # for the record (pytest -s)
+    # bf16: the merged bf16 weights unchanged. q8_0: int8 blocks of 32 with an fp16 scale each (a
+    # weight's error is at most 1/254 of its block's largest) cost this tiny random model a few %.
+    assert error == 0 if gguf_type == "bf16" else error < 0.1
+
+    again = run_tool("merge.py", str(adapter_dir), "--gguf", str(gguf_file))
+    assert again.returncode == 2 and "--overwrite" in again.stderr  # refused before any weight loads
+    replaced = run_tool("merge.py", str(adapter_dir), "--gguf", str(gguf_file), "--overwrite", "--gguf-type", "f16")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert sorted(p.name for p in gguf_file.parent.iterdir()) == ["model.Modelfile", "model.gguf"]  # no leftovers
+
+
 def test_chat_prompt_answers_once_like_the_adapter_does(adapter_dir):
     from transformers import AutoTokenizer
 

@@ -212,7 +212,7 @@ def test_out_of_memory_names_the_knobs(tmp_path, tiny_model_dir, chat_file, monk
         def exhaust(module, args):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-        model.register_forward_pre_hook(exhaust)
+        model.get_base_model().model.register_forward_pre_hook(exhaust)  # the decoder, as a training step runs it
         return model
 
     monkeypatch.setattr(train_script, "load_model", load_model)
