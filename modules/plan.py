@@ -166,7 +166,8 @@ def devices_line(plan: Plan) -> str:
         return f"{plan.processes} x {device.type}{gpu}, FSDP {sharding}" + (
             no_answers if config.eval.sample_prompts else ""
         )
-    return f"{plan.processes} x {device.type}{gpu}"
+    machines = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun's node count
+    return f"{plan.processes} x {device.type}{gpu}" + (f" over {machines} machines" if machines > 1 else "")
 
 
 def flops_line(plan: Plan) -> str:

@@ -1,5 +1,6 @@
 """Two real CPU processes over gloo, launched the way that connects them (see README)."""
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -115,6 +116,61 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, tiny_m
     checkpoint = tmp_path / "two" / "checkpoints" / "step-000003"
     assert (checkpoint / "rng-00000.safetensors").is_file() and (checkpoint / "rng-00001.safetensors").is_file()
     assert json.loads((checkpoint / "trainer_state.json").read_text())["processes"] == 2
+
+
+def launch_two_cpu_machines(*args: str) -> list[subprocess.CompletedProcess]:
+    """Two "machines" of one CPU process each on localhost, started as on two hosts: the same
+    command with its own --machine_rank and the first machine's address."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
+    env["ACCELERATE_USE_CPU"] = "true"
+    port = str(free_port())
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",  # in all, over both machines
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            str(REPO / "train.py"),
+            *args,
+        ]
+        for rank in (0, 1)
+    ]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda command: run_process_group(command, env), commands))
+
+
+def test_two_machines_of_one_process_each_equal_one_process(tmp_path, tiny_model_dir, chat_file):
+    config = write_config(
+        tmp_path / "run.yaml",
+        tiny_model_dir,
+        chat_file,
+        tmp_path / "x",
+        train={"max_steps": 4},
+        lora={"dropout": 0.0},
+        checkpoint={"every_steps": 2},
+    )
+    first, second = launch_two_cpu_machines(
+        "--config", str(config), f"output_dir={tmp_path / 'two'}", "train.micro_batch_size=2"
+    )
+    assert first.returncode == 0 and second.returncode == 0, (first.stderr[-2000:], second.stderr[-2000:])
+    assert "2 x cpu over 2 machines" in first.stdout and "Plan:" not in second.stdout  # the main process reports
+    one = run_cli("--config", str(config), f"output_dir={tmp_path / 'one'}", "train.micro_batch_size=4")
+    assert one.returncode == 0, one.stderr[-3000:]
+    for a, b in zip(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), a["step"]
+    checkpoint = tmp_path / "two" / "checkpoints" / "step-000002"  # each machine's RNG state in the one folder
+    assert (checkpoint / "rng-00000.safetensors").is_file() and (checkpoint / "rng-00001.safetensors").is_file()
 
 
 def test_an_uneven_epoch_end_repeats_no_row_and_matches_one_process(tmp_path, tiny_model_dir):
