@@ -150,8 +150,9 @@ def add_shape(writer, shape: Shape, vocab_rows: int, name: str, file_type) -> No
     writer.add_file_type(file_type)
 
 
-def gguf_tensors(model, shape: Shape) -> list[tuple[str, torch.Tensor]]:
-    """(GGUF name, tensor) for every weight; the llama architecture's q/k rows in llama.cpp's rotary order.
+def gguf_tensors(model, shape: Shape) -> list[tuple[str, torch.Tensor, int | None]]:
+    """(GGUF name, tensor, heads) for every weight, where `heads` says the rows are to be put in
+    llama.cpp's rotary order (q/k of the llama architecture) as the tensor is written.
 
     lm_head is written even when tied to the embedding, so every reader gets an output layer.
     """
@@ -165,11 +166,12 @@ def gguf_tensors(model, shape: Shape) -> list[tuple[str, torch.Tensor]]:
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UserError(f"--gguf: the model has a weight GGUF has no name for ({key}); it cannot be exported.")
+        heads = None
         if shape.architecture == "llama" and ".self_attn.q_proj." in key:
-            tensor = rotary_row_order(tensor, shape.heads)
+            heads = shape.heads
         elif shape.architecture == "llama" and ".self_attn.k_proj." in key:
-            tensor = rotary_row_order(tensor, shape.kv_heads)
-        tensors.append((name, tensor))
+            heads = shape.kv_heads
+        tensors.append((name, tensor, heads))
     return tensors
 
 
@@ -189,13 +191,15 @@ def storage_type(shape: tuple[int, ...], wanted):
     return wanted
 
 
-def encode(tensor: torch.Tensor, qtype) -> np.ndarray:
+def encode(tensor: torch.Tensor, heads: int | None, qtype) -> np.ndarray:
+    if heads is not None:
+        tensor = rotary_row_order(tensor, heads)
     return gguf.quants.quantize(tensor.detach().float().cpu().numpy(), qtype)
 
 
-def write_tensors(writer, tensors: list[tuple[str, torch.Tensor]], wanted) -> None:
+def write_tensors(writer, tensors: list[tuple[str, torch.Tensor, int | None]], wanted) -> None:
     """The header with every tensor's name, shape and type first, then the data one tensor at a time."""
-    for name, tensor in tensors:
+    for name, tensor, _ in tensors:
         shape = tuple(tensor.shape)
         qtype = storage_type(shape, wanted)
         if qtype in (Q.F32, Q.F16):
@@ -208,8 +212,8 @@ def write_tensors(writer, tensors: list[tuple[str, torch.Tensor]], wanted) -> No
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, tensor in tensors:
-        writer.write_tensor_data(encode(tensor, storage_type(tuple(tensor.shape), wanted)))
+    for _, tensor, heads in tensors:
+        writer.write_tensor_data(encode(tensor, heads, storage_type(tuple(tensor.shape), wanted)))
     writer.close()
 
 

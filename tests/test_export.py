@@ -141,6 +141,25 @@ def test_each_supported_architecture_reads_back_with_the_same_logits_and_tokens(
     assert read.config.vocab_size == model.config.vocab_size
 
 
+def test_chatml_tokens_a_run_added_to_a_base_tokenizer_stay_whole_and_end_a_turn(tmp_path):
+    from conftest import base_tokenizer
+
+    from modules.data import CHATML_TOKENS, prepare_chat_template
+
+    tokenizer = base_tokenizer()
+    assert prepare_chat_template(tokenizer, "auto", chat=True)[1]  # ChatML added, as a run on a base model does
+    model = tiny("llama", tokenizer)  # rows for the two new tokens, as the trained adapter carries them
+    path = tmp_path / "model.gguf"
+    export_gguf(model, tokenizer, path, "bf16", name="tiny")
+    _, read_tokenizer = read_back(path)
+    text = tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert read_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    for token in CHATML_TOKENS:
+        assert read_tokenizer.convert_tokens_to_ids(token) == tokenizer.convert_tokens_to_ids(token)
+    assert read_tokenizer.eos_token == "<|im_end|>" and read_tokenizer.chat_template == tokenizer.chat_template
+    assert 'PARAMETER stop "<|im_end|>"' in (tmp_path / "model.Modelfile").read_text()
+
+
 def test_bf16_is_exact_and_q8_0_is_the_q8_0_rounding_of_every_matrix(tmp_path):
     tokenizer = build_tokenizer()
     model = tiny("llama", tokenizer)
