@@ -3,13 +3,17 @@
     python benchmarks/bench.py [--shape llama3-8b] [--seq-len 2048] [--steps 10] [--warmup 3] \
         [--runs trainer:2:gc ours:2:gc ours:2:nogc ...] [--out results.jsonl]
 
-A run is WHO:BATCH:RECOMPUTE[:FLAG...], WHO being `trainer` or `ours`, BATCH rows of --seq-len
-tokens per optimizer step (micro-batch, no accumulation), RECOMPUTE `gc` (gradient checkpointing),
-`offload` (ours only: checkpointing with the layer inputs in CPU memory), `auto` (ours only: a probe
-step picks, train.grad_checkpointing auto; the plan's precision row says what) or `nogc`. Flags: `liger`
-adds liger-kernel to Trainer (use_liger_kernel=True); `fullce` turns our chunked cross-entropy off
-(train.chunked_loss false); `eager` turns our compiled decoder layers off (train.compile false) and
-`compiled` on (train.compile true: auto compiles one process on one GPU only).
+A run is WHO:BATCH:RECOMPUTE[:FLAG...], WHO being `trainer`, `unsloth` or `ours`, BATCH rows of
+--seq-len tokens per optimizer step (micro-batch, no accumulation), RECOMPUTE `gc` (gradient
+checkpointing), `offload` (checkpointing with the layer inputs in CPU memory: ours, and Unsloth's
+use_gradient_checkpointing="unsloth"), `auto` (ours only: a probe step picks, train.grad_checkpointing
+auto; the plan's precision row says what) or `nogc`. Flags: `dropN` sets the LoRA dropout to N/100
+(default 5: 0.05; `drop0` for none); `liger` adds liger-kernel to Trainer (use_liger_kernel=True);
+`fullce` turns our chunked cross-entropy off (train.chunked_loss false); `eager` turns our compiled
+decoder layers off (train.compile false) and `compiled` on (train.compile true: auto compiles one
+process on one GPU only). Unsloth (`../shared/device/pack-unsloth.sh` brings it; it needs a GPU)
+runs its patched model (FastLanguageModel, NF4 + double quant, its own LoRA kernels) in a plain
+PyTorch loop: AdamW, bf16, the same rows; its first steps compile kernels, so give it --warmup 4 or more.
 Our runs may name a launch: `ddpN` (N processes, accelerate_configs/multi_gpu.yaml), `fsdpN`
 (accelerate_configs/fsdp_qlora.yaml), `split` (one process, model.device_map auto over the visible
 GPUs); BATCH is then per process. Each run is its own process (group), so peak memory is its own.
@@ -199,6 +203,7 @@ def run_ours(spec: dict, args, data: Path) -> dict:
                 **({"compile": spec["compile"]} if spec["compile"] is not None else {}),  # else train.py's auto
             },
             "model": {"name_or_path": str(args.model_dir), "device_map": "auto" if spec["split"] else None},
+            "lora": {"dropout": spec["dropout"]},
             "checkpoint": {"every_steps": None},
             "log": {"every_steps": 1, "wandb": {"mode": "disabled"}},
             "output_dir": str(Path(scratch) / "run"),
@@ -239,6 +244,58 @@ def run_ours(spec: dict, args, data: Path) -> dict:
     }
 
 
+def run_unsloth(spec: dict, args, data: Path) -> dict:
+    """Unsloth's patched model on the same rows in a plain PyTorch loop, timed step by step."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # from_pretrained makes no call
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    import torch
+    import unsloth  # noqa: F401  (before transformers, which it patches)
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=str(args.model_dir), max_seq_length=args.seq_len, dtype=torch.bfloat16, load_in_4bit=True
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=32,
+        lora_dropout=spec["dropout"],
+        target_modules=PROJECTIONS,
+        bias="none",
+        use_gradient_checkpointing={"gc": True, "nogc": False, "offload": "unsloth"}[spec["recompute"]],
+        random_state=0,
+    )
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
+    rows = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    ids = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in rows]
+    times, tokens, losses = [], [], []
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup + args.steps):
+        chunk = ids[step * spec["batch"] : (step + 1) * spec["batch"]]
+        longest = max(len(row) for row in chunk)  # padded to the longest row, as Trainer's batches are
+        input_ids = torch.tensor([row + [tokenizer.pad_token_id] * (longest - len(row)) for row in chunk])
+        mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in chunk])
+        labels = input_ids.masked_fill(mask == 0, -100)
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=input_ids.cuda(), attention_mask=mask.cuda(), labels=labels.cuda()).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+        tokens.append(int(mask.sum()))
+        losses.append(loss.item())
+    return {
+        "tokens_per_s": sum(tokens[args.warmup :]) / sum(times[args.warmup :]),  # real tokens only
+        "mfu": None,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "final_loss": losses[-1],
+    }
+
+
 def peaks_by_gpu(records: list[list[float] | None]) -> list[float] | None:
     """The highest peak each GPU reached over the measured steps (None on the CPU)."""
     return None if None in records else [max(each) for each in zip(*records, strict=True)]
@@ -264,7 +321,7 @@ def launcher(spec: dict) -> list[str]:
     ]
 
 
-def trainer_model(model_dir: Path, gc: bool):
+def trainer_model(model_dir: Path, gc: bool, dropout: float = 0.05):
     """The documented QLoRA recipe Trainer users follow: NF4, prepare_model_for_kbit_training, SDPA, LoRA."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -280,7 +337,7 @@ def trainer_model(model_dir: Path, gc: bool):
         model_dir, quantization_config=quantization, dtype=torch.bfloat16, attn_implementation="sdpa"
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=PROJECTIONS, task_type="CAUSAL_LM")
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=PROJECTIONS, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
@@ -305,7 +362,7 @@ def run_trainer(spec: dict, args, data: Path) -> dict:
 
     rows = datasets.load_dataset("json", data_files=str(data), split="train")
     rows = rows.map(tokenize, remove_columns=["text"])
-    model = trainer_model(args.model_dir, spec["gc"])
+    model = trainer_model(args.model_dir, spec["gc"], spec["dropout"])
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -364,16 +421,23 @@ def parse_spec(text: str) -> dict:
     parts = text.split(":")
     who, batch, recompute, *extra = parts
     launches = [match for e in extra if (match := re.fullmatch(r"(ddp|fsdp)(\d+)|split", e))]
-    flags = set(extra) - {match.group(0) for match in launches}
+    drops = [int(match.group(1)) for e in extra if (match := re.fullmatch(r"drop(\d+)", e))]
+    flags = set(extra) - {match.group(0) for match in launches} - {f"drop{n}" for n in drops}
+    ours_only = {"fullce", "eager", "compiled"}
     if (
-        who not in ("ours", "trainer")
+        who not in ("ours", "trainer", "unsloth")
         or recompute not in ("gc", "nogc", "offload", "auto")
         or (who == "trainer" and recompute in ("offload", "auto"))
-        or flags - {"liger", "fullce", "eager", "compiled"}
+        or (who == "unsloth" and recompute == "auto")
+        or flags - {"liger", *ours_only}
+        or (who != "ours" and (flags & ours_only or launches))
+        or (who != "trainer" and "liger" in flags)
         or {"eager", "compiled"} <= flags
+        or len(drops) > 1
     ):
         raise SystemExit(
-            f"bad run {text!r}: WHO:BATCH:gc|nogc|offload|auto[:liger|:fullce|:eager|:compiled][:ddpN|:fsdpN|:split]"
+            f"bad run {text!r}: WHO:BATCH:gc|nogc|offload|auto[:dropN][:liger|:fullce|:eager|:compiled]"
+            "[:ddpN|:fsdpN|:split] (liger: trainer only; fullce, eager, compiled, launches: ours only)"
         )
     kind, processes = (launches[0].group(1), int(launches[0].group(2) or 1)) if launches else (None, 1)
     return {
@@ -383,6 +447,7 @@ def parse_spec(text: str) -> dict:
         "recompute": recompute,
         "gc": recompute != "nogc",  # Trainer's switch
         "liger": "liger" in flags,
+        "dropout": drops[0] / 100 if drops else 0.05,
         "chunked_loss": "fullce" not in flags,
         "compile": False if "eager" in flags else True if "compiled" in flags else None,  # None: train.py's auto
         "processes": processes,
@@ -430,7 +495,7 @@ def main() -> None:
 
     if args.one:
         spec = parse_spec(args.one)
-        result = (run_ours if spec["who"] == "ours" else run_trainer)(spec, args, data)
+        result = {"ours": run_ours, "trainer": run_trainer, "unsloth": run_unsloth}[spec["who"]](spec, args, data)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -461,6 +526,11 @@ def main() -> None:
     print_table(results, work)
 
 
+def unsloth_key(run: str) -> tuple:
+    spec = parse_spec(run)
+    return spec["batch"], spec["recompute"], spec["dropout"]
+
+
 def print_table(results: list[dict], work: float) -> None:
     import torch
 
@@ -473,13 +543,16 @@ def print_table(results: list[dict], work: float) -> None:
     trainer = [r for r in ok if r["run"].startswith("trainer")]
     best_rate = max((r["tokens_per_s"] for r in trainer), default=None)
     least_memory = min((r["peak_gib"] for r in trainer), default=None)
+    unsloth = {unsloth_key(r["run"]): r for r in ok if r["run"].startswith("unsloth")}
+    best_unsloth = max(unsloth.values(), key=lambda r: r["tokens_per_s"], default=None)
     print(
-        "\n| run | GPUs | tokens/s | MFU | peak GiB | peak GiB by GPU | x Trainer tokens/s | x Trainer memory |"
-        "\n|---|---|---|---|---|---|---|---|"
+        "\n| run | GPUs | tokens/s | MFU | peak GiB | peak GiB by GPU | x Trainer tokens/s | x Trainer memory "
+        "| x Unsloth tokens/s | x Unsloth memory |"
+        "\n|---|---|---|---|---|---|---|---|---|---|"
     )
     for r in results:
         if "error" in r:
-            print(f"| {r['run']} | failed: see its error | | | | | | |")
+            print(f"| {r['run']} | failed: see its error | | | | | | | | |")
             continue
         spec = parse_spec(r["run"])
         gpus = spec["processes"] if not spec["split"] else torch.cuda.device_count()
@@ -487,7 +560,12 @@ def print_table(results: list[dict], work: float) -> None:
         rate = f"{r['tokens_per_s'] / best_rate:.2f}" if best_rate else "n/a"
         memory = f"{r['peak_gib'] / least_memory:.2f}" if least_memory else "n/a"
         by_gpu = " / ".join(f"{value:.1f}" for value in r.get("peak_gib_by_gpu") or [])
+        # Against the Unsloth run of the same batch, recompute and dropout, else Unsloth's fastest.
+        peer = unsloth.get(unsloth_key(r["run"]), best_unsloth)
+        peer_rate = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}" if peer else "n/a"
+        peer_memory = f"{r['peak_gib'] / peer['peak_gib']:.2f}" if peer else "n/a"
         row = [r["run"], gpus, f"{r['tokens_per_s']:,.0f}", mfu, f"{r['peak_gib']:.1f}", by_gpu, rate, memory]
+        row += [peer_rate, peer_memory]
         print("| " + " | ".join(str(cell) for cell in row) + " |")
     print(f"(MFU numerator: {work / 1e9:.1f} GFLOP per token, modules.tracking.training_flops_per_token;")
     print(" the denominator is the peak of one GPU per process: a split run uses its GPUs one after another)")
