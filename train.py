@@ -178,7 +178,8 @@ def train(args: argparse.Namespace) -> TrainResult | None:
     try:
         setup = prepare(args, lock)
         if args.dry_run:
-            print_plan(setup.plan)
+            if setup.state.is_main_process:  # every process checked the same things; one plan is shown
+                print_plan(setup.plan)
             return None
         run = start(setup, overwrite=args.overwrite)
         stop_reason = fit(run)

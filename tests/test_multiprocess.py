@@ -195,6 +195,14 @@ def test_an_uneven_epoch_end_repeats_no_row_and_matches_one_process(tmp_path, ti
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]  # steps 3 and 6 hold 3 rows
 
 
+def test_a_dry_run_of_a_multi_process_launch_checks_every_rank_and_shows_one_plan(tmp_path, tiny_model_dir, chat_file):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "run")
+    done = launch_two_cpu_ranks("--config", str(config), "--dry-run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Plan:") == 1 and "2 x cpu" in done.stdout
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
 def test_device_map_auto_is_refused_under_a_multi_process_launch(tmp_path, tiny_model_dir, chat_file):
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "run")
     done = launch_two_cpu_ranks("--config", str(config), "model.device_map=auto")
