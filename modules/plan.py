@@ -92,7 +92,7 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
     else:
         params = f"{summary.total_params:,} total, ~{summary.lora_params:,} trainable (LoRA)"
         quantized = f"~{summary.quantized_linears} linear layers in 4-bit" if quant.load_in_4bit else "none"
-    compiling = "on (decoder layers; the first steps compile)" if plan.compiled else "off"
+    compiling = "on (decoder layers; the first steps compile)" if plan.compiled else compile_off_line(plan)
     tile_tokens = plan.recompute.tiled if plan.recompute is not None else train.tiled_mlp
     tiles = f"MLP in tiles of {tile_tokens:,} tokens, " if tile_tokens else ""
     lora = config.lora
@@ -143,6 +143,21 @@ def recompute_line(plan: Plan) -> str:
     if choice.mode == "offload" and plan.device.type != "cuda":
         words = "on (offload asked, but on the CPU there is nothing to offload)"
     return f"{words} ({choice.why})" if choice.why else words
+
+
+def compile_off_line(plan: Plan) -> str:
+    """Why the decoder layers run eagerly: asked, or where auto does not compile (measured: one GPU, one process)."""
+    if plan.config.train.compile != "auto":
+        return "off"
+    if plan.device.type != "cuda":
+        where = "on the CPU"
+    elif plan.sharded:
+        where = "under FSDP, whose flat shards compiled layers are not checked with"
+    elif plan.config.model.device_map:
+        where = "under device_map auto"
+    else:
+        where = f"with {plan.processes} processes (DDP: train.compile=true compiles there too)"
+    return f"off (auto: {where})"
 
 
 def loss_line(plan: Plan) -> str:

@@ -112,6 +112,7 @@ def test_dry_run_prints_audit_and_plan_without_loading_weights(tmp_path, tiny_mo
     assert "Example sample (trained tokens inside [[ ]]" in result.stdout and "[[Ahoy!" in result.stdout
     assert "read from the cache" not in result.stdout
     assert "grad checkpointing on (auto: on the CPU), torch.compile off" in result.stdout  # both GPU choices
+    assert "torch.compile off (auto: on the CPU)" in result.stdout  # the plan says why
     assert not (tmp_path / "run").exists()
     again = run_cli("--config", str(config), "--dry-run", "train.tiled_mlp=4096")
     assert "(tokenized earlier: read from the cache)" in again.stdout
