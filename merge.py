@@ -20,7 +20,7 @@ import torch
 from modules.adapter import inspect_adapter, load_with_adapter
 from modules.errors import UserError, quiet_progress_off_a_terminal, report_user_error
 from modules.export import FILE_TYPES, check_exportable, check_gguf_path, export_gguf, modelfile_path
-from modules.outputs import write_dir_atomic
+from modules.outputs import room_to_write, write_dir_atomic
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -70,7 +70,8 @@ def merge(args: argparse.Namespace) -> Path:
 
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_dir_atomic(args.out, write)
+        with room_to_write("the merged model", args.out.parent):
+            write_dir_atomic(args.out, write)
         print(f"Merged {info.folder} into {info.base} ({args.dtype}); saved to {args.out}")
     if args.gguf is not None:
         export_gguf(merged, tokenizer, args.gguf, args.gguf_type, name=info.folder.parent.name or info.folder.name)

@@ -9,9 +9,7 @@ exactly as the training tokenizer does, or the file is not kept.
 """
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from modules.errors import UserError
+from modules.outputs import room_to_write, write_file_atomic, write_text_atomic
 
 # transformers model_type -> GGUF architecture. llama.cpp runs Mistral as llama, and so do we.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -114,24 +113,18 @@ def export_gguf(model, tokenizer, path: Path, file_type: str, name: str) -> None
     if len(tokenizer) > rows:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only {rows} embedding rows.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
+
+    def write(staging: Path) -> None:
         writer = gguf.GGUFWriter(staging, shape.architecture)
         add_shape(writer, shape, rows, name, FILE_TYPES[file_type][1])
         add_tokenizer(writer, tokenizer, rows)
         write_tensors(writer, tensors, FILE_TYPES[file_type][0])
-        check_tokenizer_reads_back(Path(staging), tokenizer)
-        os.chmod(staging, 0o644)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
-    text = ollama_modelfile(path, tokenizer, getattr(model.generation_config, "eos_token_id", None))
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
-    os.chmod(handle.name, 0o644)
-    os.replace(handle.name, modelfile_path(path))
+        check_tokenizer_reads_back(staging, tokenizer)
+
+    with room_to_write("the GGUF file", path.parent):
+        write_file_atomic(path, write)
+        text = ollama_modelfile(path, tokenizer, getattr(model.generation_config, "eos_token_id", None))
+        write_text_atomic(modelfile_path(path), text)
 
 
 def add_shape(writer, shape: Shape, vocab_rows: int, name: str, file_type) -> None:

@@ -180,25 +180,30 @@ class RunLock:
 
 
 @contextmanager
-def room_to_write(what: str, where: Path, resume_from: Callable[[], Path | None]):
-    """Turn a full or read-only disk into a UserError that says what, how much room, and where to resume."""
+def room_to_write(what: str, where: Path, resume_from: Callable[[], Path | None] | None = None):
+    """Turn a full or read-only disk into a UserError that says what, how much room, and where to
+    resume (training) or that running it again will do (without resume_from)."""
     from safetensors import SafetensorError
 
     try:
         yield
     except (OSError, SafetensorError) as error:
         code = error.errno if isinstance(error, OSError) else _os_error_code(str(error))
+        if code is None and re.fullmatch(r"\d+ requested and \d+ written", str(error)):
+            code = errno.ENOSPC  # numpy's tofile reports a short write without an errno
         if code not in NO_ROOM:
             raise
         try:
             free = f"{shutil.disk_usage(where).free / 2**20:,.1f} MiB free on that disk"
         except OSError:
             free = "free space unknown"
-        newest = resume_from()
+        newest = resume_from() if resume_from else None
         resume = (
             f"The last intact checkpoint is {newest}: make room, then continue with --resume."
             if newest
             else "No checkpoint was written yet: make room, then start again."
+            if resume_from
+            else "Make room, then run it again."
         )
         raise UserError(f"could not write {what} in {where} ({os.strerror(code)}; {free}). {resume}") from None
 
@@ -220,6 +225,20 @@ def write_text_atomic(path: Path, text: str) -> None:
             raise
     os.chmod(handle.name, 0o666 & ~_umask())  # temp files are private; the result should not be
     os.replace(handle.name, path)
+
+
+def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Let `write` fill a temporary file beside `path`, then rename it into place; nothing is left
+    behind if it fails."""
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        write(Path(staging))
+        os.chmod(staging, 0o666 & ~_umask())  # temp files are private; the result should not be
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
 
 
 def write_dir_atomic(path: Path, write: Callable[[Path], None]) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,23 @@ def reset_process_state(monkeypatch, tmp_path_factory):
     GradientState._reset_state()
     PartialState._reset_state()
     torch.set_default_dtype(torch.float32)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a given size (or read-only), mounted for the test: a real full or read-only disk."""
+    mounted = []
+
+    def mount(size_kib: int, read_only: bool = False) -> Path:
+        point = tmp_path / f"disk-{len(mounted)}"
+        point.mkdir()
+        options = f"size={size_kib}k" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); needs root")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)

@@ -204,6 +204,14 @@ def test_what_cannot_be_exported_is_refused_before_anything_is_written(tmp_path)
         check_gguf_path(tmp_path / "other.gguf", overwrite=False)
 
 
+def test_a_full_disk_ends_in_a_clear_message_and_leaves_nothing_behind(small_disk):
+    disk = small_disk(64)  # KiB: a quarter of the tiny model's file
+    tokenizer = build_tokenizer()
+    with pytest.raises(UserError, match="could not write the GGUF file .*No space left on device.*run it again"):
+        export_gguf(tiny("llama", tokenizer), tokenizer, disk / "model.gguf", "f16", name="tiny")
+    assert list(disk.iterdir()) == []
+
+
 def test_a_tokenizer_the_reader_would_rebuild_differently_leaves_no_file(tmp_path):
     from tokenizers import pre_tokenizers
 

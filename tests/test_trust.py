@@ -300,26 +300,6 @@ def test_a_second_run_in_a_live_runs_folder_is_refused_and_a_dead_runs_lock_is_t
 # ---- 8-10. Disks and folders ----
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of a given size (or read-only), mounted for the test: a real full or read-only disk."""
-    mounted = []
-
-    def mount(size_kib: int, read_only: bool = False) -> Path:
-        point = tmp_path / f"disk-{len(mounted)}"
-        point.mkdir()
-        options = f"size={size_kib}k" + (",ro" if read_only else "")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); needs root")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
-
-
 def test_a_full_disk_while_checkpointing_is_a_clear_message_and_the_last_checkpoint_stays(
     tmp_path, tiny_model_dir, chat_file, small_disk, finished_run
 ):
