@@ -20,6 +20,15 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog 0123456789.",
 ]
 REPO = Path(__file__).resolve().parent.parent
+# The tiny random models' shape: 2 layers, 4 heads of 16 sharing 2 key/value heads (GQA).
+TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 
 def build_tokenizer(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), **named):
@@ -58,12 +67,7 @@ def save_tiny_llama(folder: Path, tokenizer, tie_word_embeddings: bool = False, 
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **TINY_SHAPE,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         pad_token_id=tokenizer.pad_token_id,

@@ -10,7 +10,7 @@ import copy
 import gguf
 import pytest
 import torch
-from conftest import CHATML, CORPUS, build_tokenizer
+from conftest import CHATML, CORPUS, TINY_SHAPE, build_tokenizer
 
 from modules.errors import UserError
 from modules.export import check_exportable, check_gguf_path, export_gguf
@@ -81,13 +81,7 @@ def tiny(model_type: str, tokenizer, **shape):
     config = AutoConfig.for_model(
         model_type,
         vocab_size=len(tokenizer) + 6,  # rows beyond the vocabulary, as padded vocabularies have
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        **shape,
+        **TINY_SHAPE | shape,
     )
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
