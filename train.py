@@ -322,7 +322,9 @@ def start(setup: Setup, overwrite: bool) -> Run:
         loader=loader,
         collate=collate,
         offload=activation_offload(plan.recompute.mode, model, accelerator.device),
-        metrics=MetricsLog(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process),
+        metrics=MetricsLog(
+            output_dir / "metrics.jsonl", accelerator.is_main_process, resume_from=lambda: newest_intact(output_dir)
+        ),
         samples=SampleWriter(output_dir / "samples.jsonl", config.eval, enabled=writes_samples),
         wandb_run=wandb_run,
         stop=StopSignal(),

@@ -7,6 +7,7 @@ import netrc
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from modules.config import RunConfig, WandbConfig
 from modules.errors import UserError
 from modules.hardware import peak_memory_by_gpu, peak_memory_gib
+from modules.outputs import room_to_write
 
 
 def resolve_wandb_mode(wandb: WandbConfig) -> str:
@@ -239,15 +241,18 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per logged optimizer step, flushed as it is written."""
+    """metrics.jsonl: one JSON object per logged optimizer step, flushed as it is written. A full
+    or read-only disk ends the run with a message naming `resume_from()`, the checkpoint to go on from."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, resume_from: Callable[[], Path | None]):
+        self.path, self.resume_from = path, resume_from
         self.file = open(path, "a", encoding="utf-8") if enabled else None
 
     def write(self, record: dict) -> None:
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            with room_to_write(self.path.name, self.path.parent, self.resume_from):
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
 
     def close(self) -> None:
         if self.file:

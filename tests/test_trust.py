@@ -323,6 +323,18 @@ def test_a_full_disk_while_checkpointing_is_a_clear_message_and_the_last_checkpo
     assert checkpoint_problem(intact) is None and not (disk / "run" / "checkpoints" / "step-000004.partial").exists()
 
 
+def test_a_disk_that_fills_up_while_logging_is_a_clear_message(tmp_path, tiny_model_dir, chat_file, small_disk):
+    disk = small_disk(size_kib=512)
+    steps = {"max_steps": 60}  # ~275 bytes of metrics.jsonl each: more than the room left
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, disk / "run", train=steps)
+    # All but four 4 KiB pages: config.yaml, the lock, and two pages of metrics.jsonl.
+    (disk / "filler").write_bytes(b"\0" * ((512 - 16) * 1024))
+    done = run_cli("--config", str(config))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "could not write metrics.jsonl" in done.stderr and "No space left on device" in done.stderr
+    assert "No checkpoint was written yet: make room, then start again" in done.stderr
+
+
 def test_output_dir_that_is_a_file_or_read_only_is_refused_before_loading(
     tmp_path, tiny_model_dir, chat_file, small_disk
 ):
