@@ -685,11 +685,9 @@ def print_summary(summary: dict, stop_reason, output_dir: Path, adapter_dir, rep
     where = f"adapter: {adapter_dir}" + (f"; report: {report}" if report else "")
     print(f"Done{' (' + stop_reason + ')' if stop_reason else ''}: {line}; {where}", flush=True)
     if adapter_dir is not None:
-        print(
-            f"Next: python chat.py {adapter_dir}                              (talk to it)\n"
-            f"      python merge.py {adapter_dir} --gguf {output_dir}/model.gguf   (one file for llama.cpp, Ollama)",
-            flush=True,
-        )
+        chat, export = f"python chat.py {adapter_dir}", f"python merge.py {adapter_dir} --gguf {output_dir}/model.gguf"
+        width = max(len(chat), len(export))
+        print(f"Next: {chat:<{width}}  # talk to it\n      {export:<{width}}  # one file for llama.cpp, Ollama")
 
 
 def print_answers(rows: list[dict]) -> None:

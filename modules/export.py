@@ -311,6 +311,16 @@ def check_tokenizer_reads_back(path: Path, tokenizer) -> None:
             )
 
 
+def default_system_prompt(tokenizer) -> str | None:
+    """The system turn a ChatML template writes by itself when a chat has none (SmolLM2's does)."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False)
+    except Exception:  # a template with rules of its own: Ollama then reads the GGUF's template
+        return None
+    found = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text, re.DOTALL)
+    return found.group(1) if found else None
+
+
 def ollama_modelfile(path: Path, tokenizer, eos_ids) -> str:
     """An Ollama Modelfile beside the GGUF: FROM the file, and the tokens that end a reply.
 
@@ -326,6 +336,9 @@ def ollama_modelfile(path: Path, tokenizer, eos_ids) -> str:
         stops = list(dict.fromkeys([*stops, "<|im_end|>"]))
     lines = [f"# ollama create NAME -f {modelfile_path(path).name}", f"FROM ./{path.name}"]
     if "<|im_start|>" in template:
+        system = default_system_prompt(tokenizer)
+        if system:  # the template writes one when a chat has none, so training saw it: Ollama must too
+            lines.append(f'SYSTEM """{system}"""')
         lines.append(
             'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
             "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}"

@@ -75,6 +75,9 @@ def test_the_demo_model_exported_to_gguf_answers_the_held_out_prompts_like_the_m
         timeout=600,
     )
     assert merge.returncode == 0, merge.stderr[-3000:]
+    # SmolLM2's template writes a system turn into every chat that has none; Ollama is told the same.
+    modelfile = (tmp_path / "demo.Modelfile").read_text()
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile and "FROM ./demo.gguf" in modelfile
     tokenizer = AutoTokenizer.from_pretrained(output_dir / "adapter")
     read_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf_file.name)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
