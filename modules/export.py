@@ -10,6 +10,7 @@ exactly as the training tokenizer does, or the file is not kept.
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,15 @@ def modelfile_path(path: Path) -> Path:
 def export_gguf(model, tokenizer, path: Path, file_type: str, name: str) -> None:
     """Write `model` (a merged transformers causal LM) and `tokenizer` as one GGUF file, then its Modelfile."""
     shape = check_exportable(model.config)
+    window = getattr(model.config, "sliding_window", None)
+    if window and (model.config.model_type == "mistral" or getattr(model.config, "use_sliding_window", False)):
+        print(
+            f"qlora-loop: warning: the model attends within a sliding window of {window:,} tokens, which GGUF's "
+            f"{shape.architecture} architecture does not carry: llama.cpp attends to the whole context, so on "
+            f"prompts longer than {window:,} tokens its replies can differ from transformers'.",
+            file=sys.stderr,
+            flush=True,
+        )
     tensors = gguf_tensors(model, shape)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
