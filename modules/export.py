@@ -90,16 +90,13 @@ def check_exportable(config) -> Shape:
     )
 
 
-def check_gguf_path(path: Path, overwrite: bool) -> list[Path]:
-    """The files an export to `path` writes (the GGUF and its Ollama Modelfile), refused if they
-    exist and overwrite is not asked."""
-    written = [path, modelfile_path(path)]
+def check_gguf_path(path: Path, overwrite: bool) -> None:
+    """Refuse an export whose files (the GGUF and its Ollama Modelfile) exist, unless overwrite is asked."""
     if path.is_dir():
         raise UserError(f"--gguf {path} is a folder; give a file name, e.g. {path / 'model.gguf'}.")
-    existing = [str(p) for p in written if p.exists()]
+    existing = [str(p) for p in (path, modelfile_path(path)) if p.exists()]
     if existing and not overwrite:
         raise UserError(f"{' and '.join(existing)} already exist(s); add --overwrite to replace, or give another path.")
-    return written
 
 
 def modelfile_path(path: Path) -> Path:
