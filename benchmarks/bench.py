@@ -560,8 +560,11 @@ def print_table(results: list[dict], work: float) -> None:
         rate = f"{r['tokens_per_s'] / best_rate:.2f}" if best_rate else "n/a"
         memory = f"{r['peak_gib'] / least_memory:.2f}" if least_memory else "n/a"
         by_gpu = " / ".join(f"{value:.1f}" for value in r.get("peak_gib_by_gpu") or [])
-        # Against the Unsloth run of the same batch, recompute and dropout, else Unsloth's fastest.
-        peer = unsloth.get(unsloth_key(r["run"]), best_unsloth)
+        # Against the Unsloth run of the same batch, recompute and dropout; for our auto (or a setting
+        # Unsloth did not run), its fastest run of the same batch and dropout; else Unsloth's fastest.
+        batch, _, dropout = unsloth_key(r["run"])
+        alike = [u for key, u in unsloth.items() if (key[0], key[2]) == (batch, dropout)]
+        peer = unsloth.get(unsloth_key(r["run"])) or max(alike, key=lambda u: u["tokens_per_s"], default=best_unsloth)
         peer_rate = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}" if peer else "n/a"
         peer_memory = f"{r['peak_gib'] / peer['peak_gib']:.2f}" if peer else "n/a"
         row = [r["run"], gpus, f"{r['tokens_per_s']:,.0f}", mfu, f"{r['peak_gib']:.1f}", by_gpu, rate, memory]

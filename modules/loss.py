@@ -16,6 +16,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from modules.distributed import is_fsdp
+from modules.dropout import reseed, seeded_dropouts
 from modules.tokens import IGNORE_INDEX
 
 # Architectures whose logits are exactly lm_head(last hidden state): no softcapping, no scaling.
@@ -60,12 +61,15 @@ class CausalLMLoss(torch.nn.Module):
         self.chunked = chunked and supports_chunked_loss(lm.config)
         self.chunk = chunk
         self.training = lm.training  # as it was handed over (a new module would say training)
+        self.dropouts = seeded_dropouts(lm)  # a plain list: not submodules a second time
         # accelerate reads these to leave a 4-bit model where it was loaded (spread, under device_map auto).
         for name in ("hf_device_map", "is_loaded_in_4bit"):
             if hasattr(lm, name):
                 setattr(self, name, getattr(lm, name))
 
     def forward(self, batch: dict, label_tokens: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            reseed(self.dropouts)
         if not self.chunked:
             return self.lm(**batch, num_items_in_batch=label_tokens, use_cache=False).loss
         inputs = {name: value for name, value in batch.items() if name != "labels"}

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from modules.config import RunConfig
+from modules.dropout import use_seeded_dropout
 from modules.errors import UserError
 from modules.hardware import Precision
 from modules.packing import VARLEN, register_varlen_attention
@@ -38,13 +39,23 @@ def resolve_compile(config: RunConfig, device: torch.device, sharded: bool, proc
     return choice
 
 
+# What a compiled layer keeps for backward: the compiler's partitioner recomputes work in backward
+# until the kept activations are this fraction of the way from the least it could keep to all of
+# them, recomputing the cheapest first (elementwise work: RMSNorm, RoPE, SwiGLU's product, the
+# seeded dropout masks) and matmuls only below that. Left at 1, it keeps SwiGLU's product for the
+# LoRA of down_proj and every dropout mask and dropped input (benchmarks/README.md, 2026-11-30).
+ACTIVATION_MEMORY_BUDGET = 0.7
+
+
 def compile_decoder_layers(model: torch.nn.Module) -> int:
     """torch.compile each decoder layer in place (module names, and so the saved adapter, unchanged).
 
     The layers share one compiled graph (same code, parameters passed as inputs), so compiling
     costs about one layer's time however deep the model. The attention kernel and the loss stay
     outside. Generation runs eager (modules.generation), where a KV cache would recompile per step.
+    The budget is the compiler's global setting; the decoder layers are all this process compiles.
     """
+    torch._functorch.config.activation_memory_budget = ACTIVATION_MEMORY_BUDGET
     layers = decoder_layers(model)
     if not layers:
         name = type(model.get_base_model()).__name__
@@ -185,6 +196,7 @@ def load_model(
         tile_decoder_mlps(peft_model, config.train.tiled_mlp)
     if compiled:
         compile_decoder_layers(peft_model)
+        use_seeded_dropout(peft_model)  # masks the compiled layers recompute rather than keep
     return peft_model
 
 

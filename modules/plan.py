@@ -92,7 +92,12 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
     else:
         params = f"{summary.total_params:,} total, ~{summary.lora_params:,} trainable (LoRA)"
         quantized = f"~{summary.quantized_linears} linear layers in 4-bit" if quant.load_in_4bit else "none"
-    compiling = "on (decoder layers; the first steps compile)" if plan.compiled else compile_off_line(plan)
+    compiling = (
+        "on (decoder layers, elementwise work recomputed in backward, seeded LoRA dropout masks; the first steps "
+        "compile)"
+        if plan.compiled
+        else compile_off_line(plan)
+    )
     tile_tokens = plan.recompute.tiled if plan.recompute is not None else train.tiled_mlp
     tiles = f"MLP in tiles of {tile_tokens:,} tokens, " if tile_tokens else ""
     lora = config.lora

@@ -129,3 +129,18 @@ def test_each_rung_of_the_recompute_ladder_needs_less_memory_on_long_rows(tiny_m
     print({mode: f"{peak / 2**20:.0f} MiB" for mode, peak in peaks.items()})  # for the record (pytest -s)
     assert peaks[False] > peaks[True] >= peaks["offload"] > 0, peaks
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_compiled_layers_recompute_seeded_dropout_masks_exactly_on_the_gpu(tiny_model_dir):
+    from test_model import compiled_against_eager_with_seeded_dropout
+
+    from modules.dropout import keep_mask
+
+    cuda = torch.device("cuda")
+    seed = torch.tensor(987654321, device=cuda)
+    shape = torch.Size([4, 2048, 512])
+    eager = keep_mask(seed, shape, 0.05, cuda)
+    assert torch.equal(torch.compile(keep_mask)(seed, shape, 0.05, cuda), eager)
+    assert torch.equal(keep_mask(seed.cpu(), shape, 0.05, torch.device("cpu")), eager.cpu())  # same bits everywhere
+    compiled_against_eager_with_seeded_dropout(tiny_model_dir, cuda, tolerance=0.1, dropout=0.1)
+    compiled_against_eager_with_seeded_dropout(tiny_model_dir, cuda, tolerance=0.1, dropout=0.0)

@@ -141,8 +141,9 @@ def test_compile_is_on_by_default_on_a_gpu_only_and_never_under_fsdp():
         resolve_compile(run_config(compile=True), cuda, sharded=True)
 
 
-def lora_model(model_dir, compiled: bool = False, dropout: float = 0.0, **train):
-    """The tiny 4-bit model with LoRA (no dropout unless asked) and random LoRA B, identical for every call."""
+def lora_model(model_dir, compiled: bool = False, dropout: float = 0.0, device=CPU, **train):
+    """The tiny 4-bit model with LoRA (no dropout unless asked) and random LoRA B, identical for every call:
+    fp32 on the CPU, bf16 on a GPU."""
     config = RunConfig.model_validate(
         {
             "model": {"name_or_path": str(model_dir)},
@@ -154,9 +155,8 @@ def lora_model(model_dir, compiled: bool = False, dropout: float = 0.0, **train)
     )
     tokenizer = load_tokenizer(str(model_dir))
     torch.manual_seed(0)
-    model = load_model(
-        config, str(model_dir), tokenizer, Precision("no", torch.float32), "sdpa", CPU, compiled=compiled
-    )
+    precision = Precision("no", torch.float32) if device.type == "cpu" else Precision("bf16", torch.bfloat16)
+    model = load_model(config, str(model_dir), tokenizer, precision, "sdpa", device, compiled=compiled)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero, which would leave A without gradient
             torch.nn.init.normal_(parameter, std=0.05)
@@ -184,7 +184,10 @@ def run_loss(model, batch: dict) -> torch.Tensor:
 
 
 def loss_and_gradients(model, batch: dict, context=None):
-    with context or contextlib.nullcontext():
+    device = next(model.parameters()).device
+    batch = {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast, context or contextlib.nullcontext():
         loss = run_loss(model, batch)
     loss.backward()
     gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -229,6 +232,71 @@ def test_compiled_decoder_layers_train_like_eager_ones_and_generation_stays_eage
     answer = reply(compiled, tokenizer, [{"role": "user", "content": "Is the sea wide?"}], settings)
     assert isinstance(answer, str)
     assert counters["stats"]["unique_graphs"] == graphs  # generating compiled nothing new
+
+
+def compiled_against_eager_with_seeded_dropout(model_dir, device, tolerance: float, dropout: float = 0.1) -> None:
+    """Compiled layers under the activation memory budget, LoRA dropout by seeded masks, train like eager
+    layers with the same masks: what the compiler recomputes in backward (the masks too) is what the
+    forward computed. `tolerance` bounds each gradient's difference relative to its norm (bf16 kernels
+    round differently)."""
+    from modules.dropout import seeded_dropouts, use_seeded_dropout
+
+    compiled, _ = lora_model(model_dir, compiled=True, dropout=dropout, device=device, grad_checkpointing=False)
+    eager, _ = lora_model(model_dir, compiled=False, dropout=dropout, device=device, grad_checkpointing=False)
+    assert not seeded_dropouts(eager)  # eager layers keep PEFT's dropout
+    assert use_seeded_dropout(eager) == len(seeded_dropouts(compiled)) == (14 if dropout else 0)  # 7 x 2 layers
+    trained = {name: value for name, value in compiled.state_dict().items() if "lora_" in name}
+    eager.load_state_dict(trained, strict=False)
+    for ours, theirs in zip(seeded_dropouts(eager), seeded_dropouts(compiled), strict=True):
+        ours.base_seed.copy_(theirs.base_seed)
+
+    def largest_difference(these: dict, those: dict) -> float:
+        assert these.keys() == those.keys() and len(these) == 28
+        return max(((these[name] - those[name]).norm() / those[name].norm()).item() for name in these)
+
+    for batch in packed_batches([[40, 25], [70, 9, 30]]):
+        torch.manual_seed(5)
+        loss, gradients = loss_and_gradients(eager, batch)
+        torch.manual_seed(5)
+        compiled_loss, compiled_gradients = loss_and_gradients(compiled, batch)
+        assert compiled_loss == pytest.approx(loss, rel=tolerance)
+        assert largest_difference(compiled_gradients, gradients) < tolerance
+        if dropout:
+            torch.manual_seed(6)  # other masks: other gradients, so the comparison above can fail
+            _, other = loss_and_gradients(eager, batch)
+            assert largest_difference(other, gradients) > 3 * tolerance
+
+
+@pytest.mark.slow
+def test_compiled_layers_recompute_seeded_dropout_masks_exactly(tiny_model_dir):
+    compiled_against_eager_with_seeded_dropout(tiny_model_dir, CPU, tolerance=1e-5)
+
+
+def test_seeded_dropout_keeps_one_minus_p_and_draws_new_masks_from_torch_seed():
+    from modules.dropout import SeededDropout, keep_mask, reseed
+
+    shape = torch.Size([8, 1000, 128])
+    first = keep_mask(torch.tensor(12345), shape, 0.1, CPU)
+    assert abs(first.float().mean().item() - 0.9) < 2e-3
+    assert torch.equal(first, keep_mask(torch.tensor(12345), shape, 0.1, CPU))
+    other = keep_mask(torch.tensor(12346), shape, 0.1, CPU)
+    assert abs((first & other).float().mean().item() - 0.81) < 2e-3  # masks of two seeds are independent
+    assert abs(first[:, :, 0].float().mean().item() - 0.9) < 1e-2  # no stripe along a dimension
+    dropouts = [SeededDropout(0.1, base) for base in (7, 1_000_003)]
+    torch.manual_seed(0)
+    reseed(dropouts)
+    seeds = [dropout.seed.item() for dropout in dropouts]
+    assert seeds[1] - seeds[0] == 1_000_003 - 7 and seeds[0] != 7
+    torch.manual_seed(0)
+    reseed(dropouts)
+    assert [dropout.seed.item() for dropout in dropouts] == seeds  # torch.manual_seed (and a resume) repeats them
+    reseed(dropouts)
+    assert [dropout.seed.item() for dropout in dropouts] != seeds
+    x = torch.ones(shape)
+    dropped = dropouts[0].train()(x)
+    assert torch.allclose(dropped[dropped != 0], torch.tensor(1 / 0.9))  # the kept ones scaled by 1 / (1 - p)
+    assert torch.equal(dropped == 0, ~keep_mask(dropouts[0].seed, shape, 0.1, CPU))
+    assert torch.equal(dropouts[0].eval()(x), x)
 
 
 def test_offloaded_activations_are_the_layer_inputs_and_change_no_gradient(tiny_model_dir):
