@@ -3,7 +3,7 @@ import contextlib
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import build_tokenizer
+from conftest import build_tokenizer, save_tiny_llama
 from pydantic import ValidationError
 
 from modules.config import RunConfig
@@ -270,6 +270,48 @@ def compiled_against_eager_with_seeded_dropout(model_dir, device, tolerance: flo
 @pytest.mark.slow
 def test_compiled_layers_recompute_seeded_dropout_masks_exactly(tiny_model_dir):
     compiled_against_eager_with_seeded_dropout(tiny_model_dir, CPU, tolerance=1e-5)
+
+
+def saved_activation_bytes(model, batch: dict) -> int:
+    """Bytes autograd keeps for backward over one forward, the model's own weights not counted."""
+    weights = {tensor.untyped_storage().data_ptr() for tensor in [*model.parameters(), *model.buffers()]}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = run_loss(model, batch)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(kept.values())
+
+
+@pytest.mark.slow
+def test_compiled_layers_under_the_budget_keep_less_for_backward(tmp_path, monkeypatch):
+    import modules.model
+
+    # 512 tokens through layers of the width ratios of Llama-3-8B (MLP 3.5x hidden, 4 query heads per KV head)
+    model_dir = save_tiny_llama(
+        tmp_path / "model",
+        build_tokenizer(),
+        hidden_size=256,
+        intermediate_size=896,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    )
+    (batch,) = packed_batches([[300, 212]])
+    kept = {}
+    for budget in (1.0, modules.model.ACTIVATION_MEMORY_BUDGET):
+        torch._dynamo.reset()
+        monkeypatch.setattr(modules.model, "ACTIVATION_MEMORY_BUDGET", budget)
+        model, _ = lora_model(model_dir, compiled=True, dropout=0.05, grad_checkpointing=False)
+        for _ in range(2):  # the first forward compiles
+            kept[budget] = saved_activation_bytes(model, batch)
+    assert kept[modules.model.ACTIVATION_MEMORY_BUDGET] < 0.75 * kept[1.0]
 
 
 def test_seeded_dropout_keeps_one_minus_p_and_draws_new_masks_from_torch_seed():
