@@ -11,7 +11,8 @@ forward, `reseed` sets every seed to the module's own base plus one number drawn
 generator: the masks change every micro-batch, follow torch.manual_seed, and come back the same on
 a resume (the CPU generator's state is in each checkpoint). It is installed on compiled layers,
 where the hash fuses into the kernels around it; eagerly the hash costs a dozen elementwise
-passes, so eager layers keep PEFT's dropout.
+passes over int64 copies of the input, so eager layers keep PEFT's dropout, and so do tiled MLPs
+(modules.tiling), which run eagerly inside compiled layers.
 """
 
 import torch
@@ -55,11 +56,14 @@ class SeededDropout(torch.nn.Dropout):
 
 
 def use_seeded_dropout(model: torch.nn.Module) -> int:
-    """Replace every nn.Dropout inside the model's LoRA layers (PEFT's lora_dropout) by a SeededDropout."""
+    """Replace each nn.Dropout of the model's LoRA layers (PEFT's lora_dropout) by a SeededDropout,
+    except inside tiled MLPs, which run eagerly; returns how many were replaced."""
+    tiled = [module for module in model.modules() if getattr(module, "tile_tokens", None)]
+    eager = {id(inner) for mlp in tiled for inner in mlp.modules()}
     replaced = 0
     for module in list(model.modules()):
         dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, torch.nn.ModuleDict):
+        if not isinstance(dropouts, torch.nn.ModuleDict) or id(module) in eager:
             continue
         for name, dropout in dropouts.items():
             if type(dropout) is torch.nn.Dropout and dropout.p > 0:
@@ -70,12 +74,23 @@ def use_seeded_dropout(model: torch.nn.Module) -> int:
     return replaced
 
 
+def use_plain_dropout(module: torch.nn.Module) -> None:
+    """Put nn.Dropout back in place of each SeededDropout under `module` (a MLP about to run eagerly)."""
+    for inner in module.modules():
+        dropouts = getattr(inner, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if isinstance(dropout, SeededDropout):
+                    dropouts[name] = torch.nn.Dropout(dropout.p).train(dropout.training)
+
+
 def seeded_dropouts(model: torch.nn.Module) -> list[SeededDropout]:
     return [module for module in model.modules() if isinstance(module, SeededDropout)]
 
 
 def reseed(dropouts: list[SeededDropout]) -> None:
-    """New masks for the next forward: each seed = its base + one draw from torch's CPU generator."""
+    """New masks for the next forward: each seed = its base + one draw from torch's CPU generator.
+    (A module put back to PEFT's dropout since is still reseeded here, to no effect.)"""
     if not dropouts:
         return
     offset = int(torch.randint(0, 2**31, ()))

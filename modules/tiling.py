@@ -16,6 +16,8 @@ import types
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from modules.dropout import use_plain_dropout
+
 
 def tile_mlps(layers: list[torch.nn.Module], tokens: int) -> int:
     """Make the dense `mlp` of each decoder layer run `tokens` tokens at a time; returns how many there are.
@@ -28,6 +30,7 @@ def tile_mlps(layers: list[torch.nn.Module], tokens: int) -> int:
         if getattr(mlp, "tile_tokens", None) != tokens:  # tiled alike already: compiled layers need not recompile
             mlp.forward = types.MethodType(tiled(type(mlp).forward, tokens), mlp)
             mlp.tile_tokens = tokens
+            use_plain_dropout(mlp)  # seeded masks are for compiled code; tiles run eagerly
     return len(mlps)
 
 

@@ -341,6 +341,31 @@ def test_seeded_dropout_keeps_one_minus_p_and_draws_new_masks_from_torch_seed():
     assert torch.equal(dropouts[0].eval()(x), x)
 
 
+def test_tiled_mlps_keep_peft_dropout_since_they_run_eagerly(tiny_model_dir):
+    from modules.dropout import SeededDropout, seeded_dropouts, use_seeded_dropout
+    from modules.recompute import tile_decoder_mlps
+
+    def mlp_dropouts(model):
+        return [
+            d
+            for layer in model.get_base_model().model.layers
+            for d in layer.mlp.modules()
+            if d.__class__.__name__.endswith("Dropout")
+        ]
+
+    model, _ = lora_model(tiny_model_dir, dropout=0.1)
+    assert use_seeded_dropout(model) == 14  # 7 projections x 2 layers
+    tile_decoder_mlps(model, 16)  # as auto's last rung does, after loading
+    assert len(seeded_dropouts(model)) == 8  # q, k, v, o of each layer
+    assert (
+        all(type(d) is torch.nn.Dropout and d.p == 0.1 for d in mlp_dropouts(model)) and len(mlp_dropouts(model)) == 6
+    )
+
+    tiled, _ = lora_model(tiny_model_dir, dropout=0.1, tiled_mlp=256)  # train.tiled_mlp: tiled before compiling
+    assert use_seeded_dropout(tiled) == 8
+    assert not any(isinstance(d, SeededDropout) for d in mlp_dropouts(tiled))
+
+
 def test_offloaded_activations_are_the_layer_inputs_and_change_no_gradient(tiny_model_dir):
     from modules.recompute import ActivationOffload, activation_offload
 
