@@ -152,8 +152,9 @@ class TrainConfig(Section):
     )
     compile: Literal["auto"] | bool = Field(
         "auto",
-        description="torch.compile each decoder layer (fuses norms, rotary, SwiGLU and the LoRA adds; the first "
-        "steps compile). auto: on for one process on one GPU; off on the CPU (compiling costs minutes), under "
+        description="torch.compile each decoder layer (fuses norms, rotary, SwiGLU and the LoRA adds, and keeps "
+        "less for backward: elementwise work and seeded LoRA dropout masks are recomputed; the first steps "
+        "compile). auto: on for one process on one GPU; off on the CPU (compiling costs minutes), under "
         "DDP and device_map (true turns it on there) and under FSDP (refused).",
     )
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
