@@ -115,7 +115,9 @@ def resolve_recompute(config: RunConfig, device: torch.device, sharded: bool) ->
     if device.type != "cuda":
         return RecomputeChoice(True, "auto: on the CPU", tiled=tiled)
     if sharded or config.model.device_map:
-        return RecomputeChoice(True, f"auto: under {'FSDP' if sharded else 'device_map'}", tiled=tiled)
+        where = "FSDP" if sharded else "device_map"
+        why = f"auto: under {where}, where no probe step measures one step's peak on one whole GPU"
+        return RecomputeChoice(True, why, tiled=tiled)
     return None
 
 
