@@ -377,7 +377,7 @@ def load_and_fit_memory(setup: Setup, accelerator) -> tuple[torch.nn.Module, obj
         collate = PaddingCollator(setup.tokenizer.pad_token_id)
     # Read before any probe step; FSDP's is read once sharded (start()).
     loading_memory = None if plan.sharded else memory_after_loading(accelerator.device)
-    recompute = plan.recompute or auto_recompute(config, accelerator, model, setup.data.train, collate, plan)
+    recompute = plan.recompute or auto_recompute(config, accelerator, model, trainable, setup.data.train, collate, plan)
     if plan.sharded:
         configure_fsdp(accelerator, peft_model, plan.precision.compute_dtype)
     loaded = Loaded(
@@ -390,7 +390,7 @@ def load_and_fit_memory(setup: Setup, accelerator) -> tuple[torch.nn.Module, obj
     return model, collate, plan.with_model(loaded)
 
 
-def auto_recompute(config, accelerator, model, train_set, collate, plan: Plan) -> RecomputeChoice:
+def auto_recompute(config, accelerator, model, trainable: int, train_set, collate, plan: Plan) -> RecomputeChoice:
     """train.grad_checkpointing auto on GPUs: probe the run's heaviest micro-batch up the ladder; under
     DDP every process then takes the leanest choice any of them needed, so all recompute alike."""
     batch = heaviest_batch(train_set, collate, config.train.micro_batch_size)
@@ -398,7 +398,6 @@ def auto_recompute(config, accelerator, model, train_set, collate, plan: Plan) -
     if accelerator.is_main_process:
         print(f"train.grad_checkpointing auto: probing a step of the heaviest micro-batch ({tokens:,} tokens)")
     ladder = recompute_ladder(language_model(model), config.train.tiled_mlp)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     choice = choose_recompute(model, batch, plan.precision, accelerator.device, trainable, ladder)
     # The rungs climbed, one past the top when even the leanest step ran out of memory.
     rung = len(ladder) if choice.ran_out else ladder.index(choice.rung)
