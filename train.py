@@ -35,10 +35,12 @@ from modules.config import RunConfig, dump_config, load_config, run_changing_dif
 from modules.data import Datasets, PaddingCollator, build_datasets
 from modules.distributed import (
     adapter_state,
+    average_replicated_gradients,
     canonical_name,
     check_fsdp_launch,
     configure_fsdp,
     fsdp_launch,
+    replicated_parameters,
     save_adapter,
 )
 from modules.errors import UserError, quiet_progress_off_a_terminal, report_user_error
@@ -152,6 +154,7 @@ class Run:
     progress: RunProgress
     accelerator: object
     model: torch.nn.Module  # prepared: wrapped by DDP or FSDP where launched so
+    replicated: list  # under FSDP, the trainable weights it leaves whole on every process
     optimizer: object
     scheduler: object
     loader: object
@@ -317,6 +320,7 @@ def start(setup: Setup, overwrite: bool) -> Run:
         progress=setup.progress,
         accelerator=accelerator,
         model=model,
+        replicated=replicated_parameters(model),
         optimizer=optimizer,
         scheduler=scheduler,
         loader=loader,
@@ -433,7 +437,9 @@ def fit(run: Run) -> str | None:
         micro_batches = [next(batches) for _ in range(config.train.grad_accum_steps)]
         step_loss = train_step(run, micro_batches)
 
-        # accumulate() synchronised the gradients on the step's last micro-batch.
+        # accumulate() synchronised the gradients on the step's last micro-batch; under FSDP the
+        # adapter's own are averaged here (FSDP keeps it whole on every process, outside its shards).
+        average_replicated_gradients(run.replicated)
         grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), config.train.max_grad_norm)
         lr = run.scheduler.get_last_lr()[0]
         optimizer_step(run, step_loss, grad_norm)  # or a skipped step, when the loss or gradient is NaN/inf

@@ -1,10 +1,11 @@
 """FSDP with a frozen 4-bit base: launch checks, sharding settings, and gathering what a run saves.
 
-Under FSDP each process holds a shard of every weight, so "the adapter" exists whole on no
-process. Saving the unwrapped PEFT model there writes flattened or empty tensors (a known failure
-of the anchors); what is saved here is gathered first: the trainable weights unit by unit, the
-optimizer state through torch.distributed.checkpoint's full state dict. Unsharded launches (one
-process, DDP) keep accelerate's own save_state/load_state.
+Under FSDP each process holds a shard of every frozen base weight; the trainable weights (the
+adapter, trained token rows) are left out of FSDP's units and kept whole on every process, their
+gradients averaged once per step like DDP's. Saving the unwrapped PEFT model there would still
+write the base's flattened shards (a known failure of the anchors), so the adapter is saved from
+the trainable weights alone, and the optimizer state through torch.distributed.checkpoint's full
+state dict. Unsharded launches (one process, DDP) keep PEFT's and torch's own saving.
 
 FSDP version 1 is used: it shards bitsandbytes' 4-bit weights as the flat buffers they are, as
 long as they are stored in the dtype of the weights beside them (bnb_4bit_quant_storage equal to
@@ -58,53 +59,83 @@ def check_fsdp_launch(device: torch.device, load_in_4bit: bool) -> None:
         )
 
 
-def trainable_wrap_policy(model: torch.nn.Module):
-    """FSDP units: every decoder layer, and apart from them each module that owns a trainable weight.
+def decoder_layer_wrap_policy(model: torch.nn.Module):
+    """FSDP units: one per decoder layer; the root keeps the embeddings, final norm and lm_head.
 
-    With use_orig_params FSDP1 would accept mixed units, but it then keeps gradients for the whole
-    flat buffer; separate units keep the trainable weights (fp32) apart from the frozen ones
-    (4-bit storage in the compute dtype), as PEFT's fsdp_auto_wrap_policy does. Unlike that
-    policy, this one also counts parameters that are not called `weight` (PEFT's trainable token
-    rows), so ChatML's new tokens shard too.
+    Each unit then flattens only frozen weights of one dtype (the 4-bit bytes stored in the compute
+    dtype, and the norms), gathered by one all-gather as the layer starts. The trainable weights are
+    not sharded at all (`replicated_modules`), so no unit keeps gradient buffers.
     """
     import functools
 
-    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     layer_names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
     layer_classes = {type(module) for module in model.modules() if type(module).__name__ in layer_names}
+    return functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_classes)
 
-    containers = (torch.nn.ParameterDict, torch.nn.ParameterList)
 
-    def owns_trainable(module: torch.nn.Module) -> bool:
-        # A unit must be a module that is called (its forward gathers the weights), so weights held
-        # in a ParameterDict (PEFT's trainable_tokens_delta) belong to the module holding the dict.
-        if isinstance(module, containers):
-            return False
-        held = [*module.parameters(recurse=False)]
-        held += [p for child in module.children() if isinstance(child, containers) for p in child.parameters()]
-        return any(parameter.requires_grad for parameter in held)
+def replicated_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules that hold trainable weights (LoRA's A and B, DoRA's magnitudes, PEFT's trained
+    token rows), which FSDP leaves out of its units: every process keeps them whole.
 
-    return functools.partial(
-        _or_policy,
-        policies=[
-            functools.partial(lambda_auto_wrap_policy, lambda_fn=owns_trainable),
-            functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_classes),
-        ],
-    )
+    They are small (an 8B model's rank-16 adapter: 42M weights; a 70B's: 207M, 0.8 GiB in fp32, plus
+    AdamW's 1.6 GiB), and keeping them whole is what lets each decoder layer be one FSDP unit of frozen
+    weights. Sharding them instead takes 14 small units per layer, each with its own all-gather and
+    reduce-scatter of a few MiB: that cost FSDP-QLoRA two thirds of DDP's speed on two H200s
+    (benchmarks/README.md). Their gradients are averaged by `average_replicated_gradients`.
+    """
+    return [
+        module
+        for module in model.modules()
+        if any(parameter.requires_grad for parameter in module.parameters(recurse=False))
+    ]
+
+
+def replicated_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Under FSDP, the trainable weights every process holds whole (none elsewhere: DDP averages its own)."""
+    if not is_fsdp(model):
+        return []
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
+REDUCE_BUCKET_BYTES = 256 * 2**20
+
+
+def average_replicated_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of weights FSDP left whole on every process, as DDP would: a few all-reduces
+    of flattened buckets (one for an 8B model's adapter), after the step's last backward."""
+    if not parameters or not torch.distributed.is_initialized():
+        return
+    world = torch.distributed.get_world_size()
+    for parameter in parameters:  # a weight this process's micro-batches never reached still takes part
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    bucket, size = [], 0
+    for parameter in parameters:
+        bucket.append(parameter.grad)
+        size += parameter.grad.numel() * parameter.grad.element_size()
+        if size >= REDUCE_BUCKET_BYTES or parameter is parameters[-1]:
+            flat = torch.cat([gradient.reshape(-1) for gradient in bucket])
+            torch.distributed.all_reduce(flat)  # a sum: gloo (CPU ranks) has no average
+            flat /= world
+            for gradient, averaged in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                gradient.copy_(averaged.view_as(gradient))
+            bucket, size = [], 0
 
 
 def configure_fsdp(accelerator, model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """Set the accelerate FSDP plugin for this model: our wrap policy and a safe mixed precision.
+    """Set the accelerate FSDP plugin for this model: one unit per decoder layer, the trainable weights
+    left whole, and a safe mixed precision.
 
     Parameters are cast to the compute dtype, which is also the 4-bit storage dtype, so the packed
-    4-bit bytes pass through unchanged. Gradients are reduced and buffers (rotary frequencies)
-    kept in fp32.
+    4-bit bytes pass through unchanged. Buffers (rotary frequencies) are kept in fp32.
     """
     from torch.distributed.fsdp import MixedPrecision
 
     plugin = accelerator.state.fsdp_plugin
-    plugin.auto_wrap_policy = trainable_wrap_policy(model)
+    plugin.auto_wrap_policy = decoder_layer_wrap_policy(model)
+    plugin.ignored_modules = replicated_modules(model)
     plugin.mixed_precision_policy = MixedPrecision(
         param_dtype=compute_dtype, reduce_dtype=torch.float32, buffer_dtype=torch.float32
     )
@@ -125,38 +156,31 @@ def whole_state_options(frozen_too: bool = False):
 
 
 def gather_trainable_state(model: torch.nn.Module, frozen_too: bool = False) -> dict[str, torch.Tensor]:
-    """The whole trainable state (LoRA, trained token rows) on every process's CPU, keyed as the PEFT model's.
+    """The whole trainable state (LoRA, trained token rows) on this process's CPU, keyed as the PEFT model's.
 
-    A collective under FSDP: every process must call it. Only the FSDP units that hold trainable
-    weights are gathered, one at a time, so the frozen base is never assembled. `frozen_too`
-    gathers everything instead (onto the main process only, on a GPU), which PEFT needs when it
-    saves resized embeddings with the adapter.
+    The trainable weights are whole on every process (under FSDP too: `replicated_modules`).
+    `frozen_too` gathers every weight instead, the sharded base included (onto the main process
+    only, on a GPU; a collective under FSDP, which every process must join), which PEFT needs when
+    it saves resized embeddings with the adapter.
     """
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    if frozen_too:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    if frozen_too or not is_fsdp(model):
         state = get_model_state_dict(model, options=whole_state_options(frozen_too))
         return {canonical_name(name): tensor.detach().cpu() for name, tensor in state.items()}
-    gathered = {}
-    for unit_name, unit in model.named_modules():
-        if not isinstance(unit, FullyShardedDataParallel) or not any(p.requires_grad for p in unit.parameters()):
-            continue
-        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
-            for name, parameter in unit.named_parameters():
-                own = "_fsdp_wrapped_module." not in name.removeprefix("_fsdp_wrapped_module.")  # not a nested unit's
-                if own and parameter.requires_grad:
-                    full_name = canonical_name(".".join(part for part in (unit_name, name) if part))
-                    gathered[full_name] = parameter.detach().cpu().clone()
-    return gathered
+    return {
+        canonical_name(name): parameter.detach().cpu().clone()
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
 
 
 def adapter_state(model: torch.nn.Module, resized_embeddings: bool) -> dict[str, torch.Tensor] | None:
     """Under FSDP, the whole adapter for PEFT's save_pretrained(state_dict=...); None elsewhere.
 
-    Every process must call it (the gather is a collective). With resized embeddings PEFT also
-    saves the embedding and lm_head, so the frozen weights are gathered as well: the whole base,
-    one FSDP unit at a time, onto the main process's CPU memory.
+    Every process must call it: with resized embeddings PEFT also saves the embedding and lm_head,
+    so the frozen weights are gathered as well (a collective): the whole base, one FSDP unit at a
+    time, onto the main process's CPU memory.
     """
     return gather_trainable_state(model, frozen_too=resized_embeddings) if is_fsdp(model) else None
 

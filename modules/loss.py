@@ -15,7 +15,6 @@ The sum is exact, token for token. Other architectures use transformers' own los
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from modules.distributed import is_fsdp
 from modules.dropout import reseed, seeded_dropouts
 from modules.tokens import IGNORE_INDEX
 
@@ -41,13 +40,11 @@ def chunked_cross_entropy(
         logits = lm_head(states).float()  # fp32 for the softmax, as transformers' loss does
         return torch.nn.functional.cross_entropy(logits, targets.to(logits.device), reduction="sum")
 
-    # An lm_head that is its own FSDP unit (trained token rows) is resharded after the forward, so
-    # it cannot be re-run in backward: there the chunks keep their logits, as the model's own loss does.
-    recompute = not is_fsdp(lm_head)
+    # Under FSDP lm_head stays gathered through backward (it is in the root unit), so it re-runs there too.
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk):
         pieces = (states[start : start + chunk], targets[start : start + chunk])
-        summed = checkpoint(piece, *pieces, use_reentrant=False) if recompute else piece(*pieces)
+        summed = checkpoint(piece, *pieces, use_reentrant=False)
         total = total + summed.to(total.device)  # lm_head may sit on another GPU under device_map auto
     return total
 

@@ -29,10 +29,13 @@ from modules.config import load_config  # noqa: E402
 from modules.data import build_datasets  # noqa: E402
 from modules.distributed import (  # noqa: E402
     adapter_state,
+    average_replicated_gradients,
     canonical_name,
+    decoder_layer_wrap_policy,
     gather_trainable_state,
+    replicated_modules,
+    replicated_parameters,
     save_adapter,
-    trainable_wrap_policy,
 )
 from modules.hardware import Precision
 from modules.loss import CausalLMLoss, compute_loss  # noqa: E402
@@ -69,14 +72,19 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         model = FullyShardedDataParallel(
-            model, auto_wrap_policy=trainable_wrap_policy(peft_model), device_id=cpu, use_orig_params=True
+            model,
+            auto_wrap_policy=decoder_layer_wrap_policy(peft_model),
+            ignored_modules=replicated_modules(peft_model),
+            device_id=cpu,
+            use_orig_params=True,
         )
     elif distributed:
         model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = build_optimizer(model, config.train, matrices)
-    decayed = torch.tensor(sum(p.numel() for p in optimizer.param_groups[0]["params"]))  # this rank's shard
-    if sharded:
-        dist.all_reduce(decayed)
+    # Every rank's weight-decayed elements: the whole adapter's, as its weights are not sharded.
+    decayed = [sum(p.numel() for p in optimizer.param_groups[0]["params"])] * world
+    if distributed:
+        dist.all_gather_object(decayed, decayed[rank])
 
     collate = PackedCollator()
     rows = [data.train[i] for i in range(GLOBAL_ROWS)]
@@ -86,9 +94,14 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
     if distributed:
         dist.all_reduce(label_tokens)
 
+    replicated = replicated_parameters(model)
+    units = FullyShardedDataParallel.fsdp_modules(model) if sharded else []
+    units_training = sum(unit._flat_param is not None and unit._flat_param.requires_grad for unit in units)
+
     def step() -> float:
         loss = compute_loss(model, batch, label_tokens)
         (loss * world).backward()  # FSDP/DDP average gradients over processes; the loss is a global sum already
+        average_replicated_gradients(replicated)  # those FSDP keeps whole on every process
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         total = loss.detach().clone()
@@ -137,7 +150,10 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
         result = {
             "losses": losses,
             "storage_dtypes": sorted(str(d) for d in storage),
-            "decayed_elements": decayed.item(),
+            "decayed_elements": decayed,
+            "fsdp_units": len(units),
+            "flat_parameters_training": units_training,
+            "replicated_weights": len(replicated),
             "replay_max_abs_error": replay_error,
             "gathered_tensors": sorted(after_once),
             "ranks_agree": ranks_agree,

@@ -37,7 +37,10 @@ def test_sharded_training_equals_one_process_and_saves_a_whole_adapter(tmp_path,
 
     assert two["storage_dtypes"] == ["torch.float32"]  # 4-bit bytes stored in the dtype FSDP flattens them with
     assert one["storage_dtypes"] == ["torch.uint8"]
-    assert two["decayed_elements"] == one["decayed_elements"] > 0  # matrices found through FSDP's flat shards
+    assert two["decayed_elements"] == one["decayed_elements"] * 2 != [0]  # each rank holds the whole adapter
+    # One unit per decoder layer and the root, all frozen: the trainable weights stay whole, outside them.
+    assert two["fsdp_units"] == 2 + 1 and two["flat_parameters_training"] == 0
+    assert two["replicated_weights"] == two["compared_tensors"] and one["replicated_weights"] == 0
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
     assert two["losses"][-1] < two["losses"][0]
     assert two["replay_max_abs_error"] < 1e-6  # the checkpoint restored the weights and AdamW moments
