@@ -6,11 +6,12 @@ the wrap policy, the optimizer's parameter groups, the adapter gather, the check
 around torch's own FullyShardedDataParallel:
 
     python tests/fsdp_cpu_worker.py CONFIG OUT                        # one process, unsharded
-    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_cpu_worker.py CONFIG OUT [ddp]
+    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_cpu_worker.py CONFIG OUT [ddp|fsdp-compiled]
 
 Each rank trains on its half of a fixed global batch; OUT/result.json gets the losses, whether
 every rank ended with the same trainable weights, and OUT/adapter the saved adapter. `ddp` wraps
-in DistributedDataParallel instead of FSDP, as train.py's data-parallel launches do.
+in DistributedDataParallel instead of FSDP, as train.py's data-parallel launches do;
+`fsdp-compiled` compiles the decoder layers inside their FSDP units (train.compile true).
 """
 
 import gc
@@ -42,6 +43,7 @@ from modules.loss import CausalLMLoss, compute_loss  # noqa: E402
 from modules.model import inspect_model, load_model, load_tokenizer  # noqa: E402
 from modules.optim import build_optimizer  # noqa: E402
 from modules.packing import PackedCollator, PackedDataset  # noqa: E402
+from modules.recompute import decoder_layers  # noqa: E402
 from modules.tokens import count_label_tokens
 
 GLOBAL_ROWS = 4
@@ -53,7 +55,8 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
         dist.init_process_group("gloo")
-    sharded = distributed and wrapper == "fsdp"
+    sharded = distributed and wrapper.startswith("fsdp")
+    compiled = wrapper == "fsdp-compiled"
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     config = load_config(Path(config_path), [])
     tokenizer = load_tokenizer(config.model.name_or_path)
@@ -61,9 +64,8 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
     torch.manual_seed(config.train.seed)
     cpu = torch.device("cpu")
     precision = Precision(mixed="no", compute_dtype=torch.float32)
-    peft_model = load_model(
-        config, config.model.name_or_path, tokenizer, precision, "sdpa", cpu, data.trainable_token_ids, sharded
-    )
+    source, new_tokens = config.model.name_or_path, data.trainable_token_ids
+    peft_model = load_model(config, source, tokenizer, precision, "sdpa", cpu, new_tokens, sharded, compiled)
     model = CausalLMLoss(peft_model, chunked=config.train.chunked_loss)
     resized = len(tokenizer) > inspect_model(config, config.model.name_or_path).vocab_size
     matrices = {canonical_name(name) for name, p in model.named_parameters() if p.requires_grad and p.ndim >= 2}
@@ -154,6 +156,7 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
             "fsdp_units": len(units),
             "flat_parameters_training": units_training,
             "replicated_weights": len(replicated),
+            "compiled_layers": sum(layer._compiled_call_impl is not None for layer in decoder_layers(peft_model)),
             "replay_max_abs_error": replay_error,
             "gathered_tensors": sorted(after_once),
             "ranks_agree": ranks_agree,

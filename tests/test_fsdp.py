@@ -69,6 +69,19 @@ def test_sharded_training_equals_one_process_and_saves_a_whole_adapter(tmp_path,
     assert torch.equal(lora[some.replace(".weight", ".default.weight")].detach(), sharded[some])
 
 
+def test_compiled_layers_inside_fsdp_units_train_the_same_losses(tmp_path, tiny_model_dir, chat_file):
+    """train.compile true under FSDP: each decoder layer compiled inside its unit, gathering its frozen
+    weights as plain views of the flat shard, trains as one uncompiled process does."""
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "unused", lora={"dropout": 0.0})
+    one = run_worker(config, tmp_path / "one", ranks=1)
+    two = run_worker(config, tmp_path / "two", ranks=2, wrapper="fsdp-compiled")
+    assert two["compiled_layers"] == 2 and one["compiled_layers"] == 0
+    assert two["fsdp_units"] == 2 + 1
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
+    assert two["ranks_agree"] is True and two["replay_max_abs_error"] < 1e-6
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
+
+
 def test_ddp_ranks_end_with_identical_lora_weights(tmp_path, tiny_model_dir, chat_file):
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "unused", lora={"dropout": 0.0})
     one = run_worker(config, tmp_path / "one", ranks=1)
