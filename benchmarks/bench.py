@@ -11,7 +11,7 @@ auto; the plan's precision row says what) or `nogc`. Flags: `dropN` sets the LoR
 (default 5: 0.05; `drop0` for none); `liger` adds liger-kernel to Trainer (use_liger_kernel=True);
 `fullce` turns our chunked cross-entropy off (train.chunked_loss false); `eager` turns our compiled
 decoder layers off (train.compile false) and `compiled` on (train.compile true: auto compiles one
-process on one GPU only). Unsloth (`../shared/device/pack-unsloth.sh` brings it; it needs a GPU)
+process or DDP on GPUs, not device_map or FSDP). Unsloth (`../shared/device/pack-unsloth.sh` brings it; it needs a GPU)
 runs its patched model (FastLanguageModel, NF4 + double quant, its own LoRA kernels) in a plain
 PyTorch loop: AdamW, bf16, the same rows; its first steps compile kernels, so give it --warmup 4 or more.
 Our runs may name a launch: `ddpN` (N processes, accelerate_configs/multi_gpu.yaml), `fsdpN`

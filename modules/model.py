@@ -22,17 +22,17 @@ from modules.recompute import decoder_layers, resolve_recompute, set_checkpointi
 from modules.tokens import choose_pad_token
 
 
-def resolve_compile(config: RunConfig, device: torch.device, sharded: bool, processes: int = 1) -> bool:
+def resolve_compile(config: RunConfig, device: torch.device, sharded: bool) -> bool:
     """Whether the decoder layers run through torch.compile (train.compile).
 
-    auto compiles where it was measured faster: one process on one GPU. DDP, device_map and FSDP
-    launches can ask for it (train.compile true). Under FSDP compiled layers train the same losses
-    (tests/test_fsdp.py) but were slower than eager ones on two H200s (benchmarks/README.md), so auto
-    leaves them off there.
+    auto compiles where it was measured faster: on GPUs, one process or DDP (2 H200s: 1.25-1.29x
+    DDP's eager tokens/s in the same call, benchmarks/README.md). device_map and FSDP launches can
+    ask for it (train.compile true). Under FSDP compiled layers train the same losses
+    (tests/test_fsdp.py) but were slower than eager ones on two H200s, so auto leaves them off there.
     """
     choice = config.train.compile
     if choice == "auto":
-        return device.type == "cuda" and processes == 1 and not config.model.device_map and not sharded
+        return device.type == "cuda" and not config.model.device_map and not sharded
     return choice
 
 

@@ -2,8 +2,9 @@
 
 accelerate turns an FSDP launch on the CPU into plain data parallel, so train.py's FSDP path runs
 only on GPUs. This worker runs the same pieces train.py uses there (the 4-bit load for sharding,
-the wrap policy, the optimizer's parameter groups, the adapter gather, the checkpoint state),
-around torch's own FullyShardedDataParallel:
+the wrap policy and the adapter left whole outside it, the gradient averaging of that adapter, the
+optimizer's parameter groups, the saved adapter, the checkpoint state), around torch's own
+FullyShardedDataParallel:
 
     python tests/fsdp_cpu_worker.py CONFIG OUT                        # one process, unsharded
     python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_cpu_worker.py CONFIG OUT [ddp|fsdp-compiled]

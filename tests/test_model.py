@@ -126,13 +126,11 @@ def test_compile_and_offload_switches_take_true_false_or_their_word():
             run_config(**{key: "sometimes"})
 
 
-def test_compile_is_on_by_default_on_one_gpu_only():
+def test_compile_is_on_by_default_on_gpus_except_under_device_map_and_fsdp():
     cuda = torch.device("cuda")  # a device object; nothing runs on it
     assert resolve_compile(run_config(), cuda, sharded=False)
     assert not resolve_compile(run_config(), CPU, sharded=False)  # compiling on the CPU costs minutes
     assert not resolve_compile(run_config(), cuda, sharded=True)
-    assert not resolve_compile(run_config(), cuda, sharded=False, processes=2)  # DDP: not measured compiled
-    assert resolve_compile(run_config(compile=True), cuda, sharded=False, processes=2)
     split = RunConfig.model_validate(run_config().model_dump() | {"model": {"name_or_path": "m", "device_map": "auto"}})
     assert not resolve_compile(split, cuda, sharded=False)
     assert resolve_compile(run_config(compile=True), CPU, sharded=False)
