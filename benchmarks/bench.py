@@ -211,10 +211,10 @@ def run_ours(spec: dict, args, data: Path) -> dict:
         config_path = Path(scratch) / "run.yaml"
         config_path.write_text(yaml.safe_dump(config))
         command = [*launcher(spec), str(REPO / "train.py"), "--config", str(config_path)]
-        if args.profile:  # one process: train.py under torch.profiler, the measured steps recorded
+        if args.profile:  # train.py under torch.profiler, the measured steps recorded (every process: rank-N/)
             folder = args.profile / spec["name"].replace(":", "-")
             script = REPO / "benchmarks" / "profile_train.py"
-            command = [sys.executable, str(script), "--config", str(config_path), "--out", str(folder)]
+            command = [*launcher(spec), str(script), "--config", str(config_path), "--out", str(folder)]
             command += ["--skip", str(max(args.warmup, 1)), "--active", str(min(args.steps, 2))]
         done = subprocess.run(command, capture_output=True, text=True)
         if args.profile:

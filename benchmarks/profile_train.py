@@ -1,16 +1,22 @@
 """Run train.py under torch.profiler and say where an optimizer step's time goes.
 
     python benchmarks/profile_train.py --config run.yaml --skip 3 --active 2 --out prof/
+    accelerate launch --config_file accelerate_configs/fsdp_qlora.yaml --num_processes 2 \
+        benchmarks/profile_train.py --config run.yaml --out prof/     # every process, prof/rank-N/
 
 The first --skip optimizer steps run unprofiled (loading, warmup, allocator growth); the next
---active steps are recorded. Printed: the kernels and ops by GPU time, and per step the wall time
-against the time the GPU spent in kernels (the gap is the GPU waiting on the host). The Chrome
-trace goes to --out/trace.json.gz (open it in chrome://tracing or Perfetto).
+--active steps are recorded. Printed: the kernels and ops by GPU time, and for the recorded steps
+the wall time against the GPU's time in compute kernels and in collectives (NCCL kernels run on
+their own stream, so they overlap compute or not). Compute kernels far below the wall time with few
+collectives means the GPU waits on the host; with many, on the other GPUs. Under a multi-process
+launch every process records its own steps into --out/rank-N; the main process prints its table.
+The Chrome trace goes to trace.json.gz there (open it in chrome://tracing or Perfetto).
 """
 
 import argparse
 import gzip
 import json
+import os
 import shutil
 import sys
 import time
@@ -32,7 +38,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.skip < 1:
         parser.error("--skip must be at least 1: the step before the recorded ones is the profiler's warmup")
-    args.out.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", "0"))
+    out = args.out / f"rank-{rank}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else args.out
+    out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
     import train
 
@@ -56,20 +64,23 @@ def main() -> None:
     events = profiler.key_averages()
     sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     table = events.table(sort_by=sort, row_limit=45, max_name_column_width=70)
-    (args.out / "ops.txt").write_text(table)
-    print(table)
-    trace = args.out / "trace.json"
+    (out / "ops.txt").write_text(table)
+    if rank == 0:
+        print(table)
+    trace = out / "trace.json"
     profiler.export_chrome_trace(str(trace))
     if torch.cuda.is_available():
         recorded = steps[args.skip - 1 : args.skip + args.active]
-        wall = recorded[-1] - recorded[0]
-        kernels = sum(e["dur"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "kernel")
+        wall = (recorded[-1] - recorded[0]) * 1e3
+        kernels = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "kernel"]
+        collectives = sum(e["dur"] for e in kernels if "nccl" in e.get("name", "").lower()) / 1e3
+        compute = sum(e["dur"] for e in kernels) / 1e3 - collectives
         line = (
-            f"recorded {args.active} steps: wall {wall * 1e3:.0f} ms, GPU kernels {kernels / 1e3:.0f} ms "
-            f"({kernels / 1e6 / wall:.0%} busy)"
+            f"rank {rank}, recorded {args.active} steps: wall {wall:.0f} ms, compute kernels {compute:.0f} ms "
+            f"({compute / wall:.0%} of the wall time), collectives {collectives:.0f} ms"
         )
-        print(line)
-        with open(args.out / "ops.txt", "a") as handle:
+        print(line, flush=True)
+        with open(out / "ops.txt", "a") as handle:
             handle.write(line + "\n")
     with open(trace, "rb") as source, gzip.open(f"{trace}.gz", "wb") as target:
         shutil.copyfileobj(source, target)
