@@ -102,7 +102,7 @@ def replicated_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 REDUCE_BUCKET_BYTES = 256 * 2**20
 
 
-def average_replicated_gradients(parameters: list[torch.nn.Parameter]) -> None:
+def average_replicated_gradients(parameters: list[torch.nn.Parameter], bucket_bytes: int = REDUCE_BUCKET_BYTES) -> None:
     """Average the gradients of weights FSDP left whole on every process, as DDP would: a few all-reduces
     of flattened buckets (one for an 8B model's adapter), after the step's last backward."""
     if not parameters or not torch.distributed.is_initialized():
@@ -115,7 +115,7 @@ def average_replicated_gradients(parameters: list[torch.nn.Parameter]) -> None:
     for parameter in parameters:
         bucket.append(parameter.grad)
         size += parameter.grad.numel() * parameter.grad.element_size()
-        if size >= REDUCE_BUCKET_BYTES or parameter is parameters[-1]:
+        if size >= bucket_bytes or parameter is parameters[-1]:
             flat = torch.cat([gradient.reshape(-1) for gradient in bucket])
             torch.distributed.all_reduce(flat)  # a sum: gloo (CPU ranks) has no average
             flat /= world

@@ -82,6 +82,46 @@ def test_compiled_layers_inside_fsdp_units_train_the_same_losses(tmp_path, tiny_
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
 
 
+AVERAGING_WORKER = """
+import json, sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from modules.distributed import average_replicated_gradients
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+shapes = [(3, 4), (5,), (2, 2), (7,)]  # 48, 20, 16 and 28 bytes in fp32
+weights = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+for k, weight in enumerate(weights):
+    if not (rank == 1 and k == 2):  # a weight rank 1's batch never reached: no gradient there
+        weight.grad = (rank + 1) * (k + 1) * torch.arange(weight.numel(), dtype=torch.float32).view(weight.shape)
+calls = []
+reduce = dist.all_reduce
+dist.all_reduce = lambda tensor, *a, **k: calls.append(tensor.numel()) or reduce(tensor, *a, **k)
+average_replicated_gradients(weights, bucket_bytes=50)
+grads = [weight.grad.flatten().tolist() for weight in weights]
+open(f"{sys.argv[1]}/rank-{rank}.json", "w").write(json.dumps({"grads": grads, "calls": calls}))
+dist.destroy_process_group()
+"""
+
+
+def test_replicated_gradients_are_averaged_over_processes_in_buckets(tmp_path):
+    script = tmp_path / "average.py"
+    script.write_text(AVERAGING_WORKER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_", "FSDP_"))}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    done = run_process_group([*launcher, "--master_port", str(free_port()), str(script), str(tmp_path), str(REPO)], env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    for k, size in enumerate([12, 5, 4, 7]):
+        base = [(k + 1) * i for i in range(size)]
+        # (1x + 2x) / 2 over two ranks; the weight rank 1 never reached counts as zero there.
+        expected = [v * 1.5 for v in base] if k != 2 else [v * 0.5 for v in base]
+        assert ranks[0]["grads"][k] == pytest.approx(expected) and ranks[1]["grads"][k] == ranks[0]["grads"][k]
+    assert ranks[0]["calls"] == [12 + 5, 4 + 7]  # buckets of at least 50 bytes, the last one partial
+
+
 def test_ddp_ranks_end_with_identical_lora_weights(tmp_path, tiny_model_dir, chat_file):
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "unused", lora={"dropout": 0.0})
     one = run_worker(config, tmp_path / "one", ranks=1)
