@@ -25,12 +25,20 @@ def run_worker(config, out, ranks: int, wrapper: str = "fsdp") -> dict:
     return json.loads((out / "result.json").read_text())
 
 
-@pytest.mark.parametrize("new_tokens", [False, True], ids=["tokenizer-template", "chatml-new-tokens"])
-def test_sharded_training_equals_one_process_and_saves_a_whole_adapter(tmp_path, tiny_model_dir, chat_file, new_tokens):
+@pytest.mark.parametrize(
+    ("new_tokens", "tied"),
+    [(False, False), (True, False), (True, True)],
+    ids=["tokenizer-template", "chatml-new-tokens", "chatml-new-tokens-tied-embeddings"],
+)
+def test_sharded_training_equals_one_process_and_saves_a_whole_adapter(
+    tmp_path, tiny_model_dir, chat_file, new_tokens, tied
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model_dir = save_tiny_llama(tmp_path / "base", base_tokenizer()) if new_tokens else tiny_model_dir
+    # Tied: lm_head and the embedding share one weight, which must stay in one FSDP unit (the root).
+    base = save_tiny_llama(tmp_path / "base", base_tokenizer(), tie_word_embeddings=tied) if new_tokens else None
+    model_dir = base or tiny_model_dir
     config = write_config(tmp_path / "run.yaml", model_dir, chat_file, tmp_path / "unused", lora={"dropout": 0.0})
     one = run_worker(config, tmp_path / "one", ranks=1)
     two = run_worker(config, tmp_path / "two", ranks=2)
