@@ -80,10 +80,11 @@ def replicated_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     token rows), which FSDP leaves out of its units: every process keeps them whole.
 
     They are small (an 8B model's rank-16 adapter: 42M weights; a 70B's: 207M, 0.8 GiB in fp32, plus
-    AdamW's 1.6 GiB), and keeping them whole is what lets each decoder layer be one FSDP unit of frozen
+    AdamW's 1.5 GiB), and keeping them whole is what lets each decoder layer be one FSDP unit of frozen
     weights. Sharding them instead takes 14 small units per layer, each with its own all-gather and
-    reduce-scatter of a few MiB: that cost FSDP-QLoRA two thirds of DDP's speed on two H200s
-    (benchmarks/README.md). Their gradients are averaged by `average_replicated_gradients`.
+    reduce-scatter of a few MiB: FSDP-QLoRA ran at 0.30x DDP's tokens/s that way on two H200s, and at
+    0.69-0.74x with whole replicas (benchmarks/README.md). Their gradients are averaged by
+    `average_replicated_gradients`.
     """
     return [
         module
