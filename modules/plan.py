@@ -182,7 +182,8 @@ def devices_line(plan: Plan) -> str:
     if plan.sharded:
         sharding = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD")
         no_answers = "; eval.sample_prompts skipped (a sharded model cannot generate on one process)"
-        return f"{plan.processes} x {device.type}{gpu}, FSDP {sharding}" + (
+        layout = "the frozen base sharded one decoder layer per unit, the adapter whole on every process"
+        return f"{plan.processes} x {device.type}{gpu}, FSDP {sharding} ({layout})" + (
             no_answers if config.eval.sample_prompts else ""
         )
     machines = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun's node count
