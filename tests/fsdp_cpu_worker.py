@@ -7,12 +7,12 @@ optimizer's parameter groups, the saved adapter, the checkpoint state), around t
 FullyShardedDataParallel:
 
     python tests/fsdp_cpu_worker.py CONFIG OUT                        # one process, unsharded
-    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_cpu_worker.py CONFIG OUT [ddp|fsdp-compiled]
+    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_cpu_worker.py CONFIG OUT [ddp|fsdp][-compiled]
 
 Each rank trains on its half of a fixed global batch; OUT/result.json gets the losses, whether
 every rank ended with the same trainable weights, and OUT/adapter the saved adapter. `ddp` wraps
 in DistributedDataParallel instead of FSDP, as train.py's data-parallel launches do;
-`fsdp-compiled` compiles the decoder layers inside their FSDP units (train.compile true).
+`-compiled` compiles the decoder layers (train.compile true), inside their FSDP units or under DDP.
 """
 
 import gc
@@ -57,7 +57,7 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
     if distributed:
         dist.init_process_group("gloo")
     sharded = distributed and wrapper.startswith("fsdp")
-    compiled = wrapper == "fsdp-compiled"
+    compiled = wrapper.endswith("-compiled")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     config = load_config(Path(config_path), [])
     tokenizer = load_tokenizer(config.model.name_or_path)

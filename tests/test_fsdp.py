@@ -130,10 +130,13 @@ def test_replicated_gradients_are_averaged_over_processes_in_buckets(tmp_path):
     assert ranks[0]["calls"] == [12 + 5, 4 + 7]  # buckets of at least 50 bytes, the last one partial
 
 
-def test_ddp_ranks_end_with_identical_lora_weights(tmp_path, tiny_model_dir, chat_file):
+@pytest.mark.parametrize("wrapper", ["ddp", "ddp-compiled"])
+def test_ddp_ranks_end_with_identical_lora_weights(tmp_path, tiny_model_dir, chat_file, wrapper):
+    """DDP as train.py launches it on GPUs, with compiled layers (train.compile auto there) and without."""
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, chat_file, tmp_path / "unused", lora={"dropout": 0.0})
     one = run_worker(config, tmp_path / "one", ranks=1)
-    two = run_worker(config, tmp_path / "two", ranks=2, wrapper="ddp")
+    two = run_worker(config, tmp_path / "two", ranks=2, wrapper=wrapper)
+    assert two["compiled_layers"] == (2 if wrapper == "ddp-compiled" else 0)
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert two["ranks_agree"] is True and two["compared_tensors"] == 28  # 2 layers x 7 projections x (A, B)
 
