@@ -216,7 +216,9 @@ def run_ours(spec: dict, args, data: Path) -> dict:
             script = REPO / "benchmarks" / "profile_train.py"
             command = [*launcher(spec), str(script), "--config", str(config_path), "--out", str(folder)]
             command += ["--skip", str(max(args.warmup, 1)), "--active", str(min(args.steps, 2))]
-        done = subprocess.run(command, capture_output=True, text=True)
+        # Every recompile of the compiled layers is logged, and counted below.
+        env = os.environ | {"TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles")}
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
         if args.profile:
             print(done.stdout[-12000:], file=sys.stderr)
         if done.returncode != 0:
