@@ -13,6 +13,7 @@ the compute dtype) and FSDP's mixed precision casts to that same dtype, never re
 packed bytes. FSDP2 (per-parameter DTensors) does not carry bitsandbytes' quantization state.
 """
 
+import functools
 import os
 from pathlib import Path
 
@@ -66,8 +67,6 @@ def decoder_layer_wrap_policy(model: torch.nn.Module):
     dtype, and the norms), gathered by one all-gather as the layer starts. The trainable weights are
     not sharded at all (`replicated_modules`), so no unit keeps gradient buffers.
     """
-    import functools
-
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     layer_names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
@@ -143,6 +142,43 @@ def configure_fsdp(accelerator, model: torch.nn.Module, compute_dtype: torch.dty
     plugin.mixed_precision_policy = MixedPrecision(
         param_dtype=compute_dtype, reduce_dtype=torch.float32, buffer_dtype=torch.float32
     )
+
+
+def traceable_4bit_forwards(model: torch.nn.Module) -> int:
+    """Give each 4-bit linear a forward that takes its weight as the plain view FSDP leaves in the
+    module, for compiled layers inside FSDP units; returns how many it changed.
+
+    bitsandbytes' own forward finds a plain tensor there (FSDP's views of its flat shard) and wraps it
+    in a new Params4bit on every call, which torch.compile cannot trace: on two CPU ranks each
+    decoder layer broke into pieces around every projection (90 graph breaks and as many recompiles
+    for a 2-layer model). The class is swapped, not each module's forward replaced, so that every
+    layer runs the same code and shares one compiled graph.
+    """
+    import bitsandbytes as bnb
+
+    changed = 0
+    for module in model.modules():
+        if type(module) is bnb.nn.Linear4bit and module.compute_dtype is not None:
+            module.__class__ = sharded_linear4bit_class()
+            changed += 1
+    return changed
+
+
+@functools.cache
+def sharded_linear4bit_class() -> type:
+    """Linear4bit with the forward traceable_4bit_forwards gives (bitsandbytes is imported only when needed)."""
+    import bitsandbytes as bnb
+
+    class ShardedLinear4bit(bnb.nn.Linear4bit):
+        """bitsandbytes' Linear4bit loaded for training, its weight taken as it is: the same product from
+        the same packed bytes and the quantization state bitsandbytes keeps on the module."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+            product = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight, bias=bias, quant_state=self.quant_state)
+            return product.to(x.dtype)
+
+    return ShardedLinear4bit
 
 
 def canonical_name(name: str) -> str:

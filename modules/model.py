@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from modules.config import RunConfig
+from modules.distributed import traceable_4bit_forwards
 from modules.dropout import use_seeded_dropout
 from modules.errors import UserError
 from modules.hardware import Precision
@@ -28,7 +29,9 @@ def resolve_compile(config: RunConfig, device: torch.device, sharded: bool) -> b
     auto compiles where it was measured faster: on GPUs, one process or DDP (2 H200s: 1.25-1.29x
     DDP's eager tokens/s in the same call, benchmarks/README.md). device_map and FSDP launches can
     ask for it (train.compile true). Under FSDP compiled layers train the same losses
-    (tests/test_fsdp.py) but were slower than eager ones on two H200s, so auto leaves them off there.
+    (tests/test_fsdp.py); on two H200s they were slower than eager ones, broken into pieces around
+    each 4-bit projection (since fixed: distributed.traceable_4bit_forwards) and not yet measured
+    again, so auto leaves them off there.
     """
     choice = config.train.compile
     if choice == "auto":
@@ -192,6 +195,8 @@ def load_model(
     if config.train.tiled_mlp:
         tile_decoder_mlps(peft_model, config.train.tiled_mlp)
     if compiled:
+        if sharded:
+            traceable_4bit_forwards(peft_model)  # FSDP's plain weight views, which bitsandbytes' forward rewraps
         compile_decoder_layers(peft_model)
         use_seeded_dropout(peft_model)  # masks the compiled layers recompute rather than keep
     return peft_model

@@ -158,6 +158,7 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
             "flat_parameters_training": units_training,
             "replicated_weights": len(replicated),
             "compiled_layers": sum(layer._compiled_call_impl is not None for layer in decoder_layers(peft_model)),
+            "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
             "replay_max_abs_error": replay_error,
             "gathered_tensors": sorted(after_once),
             "ranks_agree": ranks_agree,

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, base_tokenizer, save_tiny_llama, write_config
+from conftest import REPO, base_tokenizer, nf4, save_tiny_llama, write_config
 from safetensors.torch import load_file
 from test_multiprocess import free_port, run_process_group
 from test_train import run_cli
@@ -84,10 +84,32 @@ def test_compiled_layers_inside_fsdp_units_train_the_same_losses(tmp_path, tiny_
     one = run_worker(config, tmp_path / "one", ranks=1)
     two = run_worker(config, tmp_path / "two", ranks=2, wrapper="fsdp-compiled")
     assert two["compiled_layers"] == 2 and one["compiled_layers"] == 0
+    assert two["graph_breaks"] == 0  # each layer one graph, the 4-bit weights taken as FSDP's views
     assert two["fsdp_units"] == 2 + 1
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
     assert two["ranks_agree"] is True and two["replay_max_abs_error"] < 1e-6
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
+
+
+def test_4bit_linears_under_fsdp_compute_bitsandbytes_product_from_a_plain_weight_view(tiny_model_dir):
+    """What FSDP hands a 4-bit linear (a plain tensor viewing its flat shard, the quantization state left
+    on the module): the swapped forward gives bitsandbytes' own output and input gradient from it."""
+    from transformers import AutoModelForCausalLM
+
+    from modules.distributed import traceable_4bit_forwards
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=nf4(), dtype=torch.float32)
+    linear = model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, 5, linear.in_features, requires_grad=True)
+    expected = linear(x)
+    (expected_gradient,) = torch.autograd.grad(expected.square().sum(), x)
+
+    assert traceable_4bit_forwards(model) == 2 * 7  # every projection of the 2 layers; lm_head is not 4-bit
+    linear.weight = torch.nn.Parameter(linear.weight.data.clone(), requires_grad=False)  # FSDP's plain view
+    got = linear(x)
+    (gradient,) = torch.autograd.grad(got.square().sum(), x)
+    assert type(linear.weight) is torch.nn.Parameter  # taken as it is, not rewrapped
+    assert torch.equal(got, expected) and torch.equal(gradient, expected_gradient)
 
 
 AVERAGING_WORKER = """
