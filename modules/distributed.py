@@ -149,9 +149,9 @@ def traceable_4bit_forwards(model: torch.nn.Module) -> int:
     module, for compiled layers inside FSDP units; returns how many it changed.
 
     bitsandbytes' own forward finds a plain tensor there (FSDP's views of its flat shard) and wraps it
-    in a new Params4bit on every call, which torch.compile cannot trace: on two CPU ranks each
-    decoder layer broke into pieces around every projection (90 graph breaks and as many recompiles
-    for a 2-layer model). The class is swapped, not each module's forward replaced, so that every
+    in a new Params4bit on every call, which torch.compile cannot trace: on two CPU ranks each decoder
+    layer broke into pieces around every projection (2026-11-30: 90 graph breaks and as many
+    recompiles for a 2-layer model). The class is swapped, not each module's forward replaced, so that every
     layer runs the same code and shares one compiled graph.
     """
     import bitsandbytes as bnb
