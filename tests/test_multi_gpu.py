@@ -98,6 +98,16 @@ def test_fsdp_on_two_gpus_trains_resumes_and_saves_a_whole_adapter(tmp_path, tin
     assert_same_losses(read_metrics(resumed), read_metrics(run), rel=1e-5)
 
 
+def test_fsdp_with_compiled_layers_on_two_gpus_equals_one_gpu(tmp_path, fp32_config, one_gpu):
+    """train.compile true under FSDP: each layer compiled inside its unit (4-bit linears taking FSDP's
+    plain weight views), training the one-GPU losses step for step."""
+    run = tmp_path / "fsdp-compiled"
+    done = launch("fsdp_qlora.yaml", "--config", str(fp32_config), f"output_dir={run}", "train.compile=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP FULL_SHARD" in done.stdout and "torch.compile on" in done.stdout
+    assert_same_losses(read_metrics(run), one_gpu)
+
+
 def test_device_map_auto_spreads_one_process_over_both_gpus(tmp_path, chat_file):
     # Large enough that device_map auto balances its layers over two GPUs: on the H200 pair, transformers
     # 5.17 put every layer of an 8-layer, 256-wide model on GPU 1 whatever max_memory said, and split
