@@ -151,8 +151,8 @@ def traceable_4bit_forwards(model: torch.nn.Module) -> int:
     bitsandbytes' own forward finds a plain tensor there (FSDP's views of its flat shard) and wraps it
     in a new Params4bit on every call, which torch.compile cannot trace: on two CPU ranks each decoder
     layer broke into pieces around every projection (2026-11-30: 90 graph breaks and as many
-    recompiles for a 2-layer model). The class is swapped, not each module's forward replaced, so that every
-    layer runs the same code and shares one compiled graph.
+    recompiles for a 2-layer model). The class is swapped, not each module's forward replaced, so
+    that every layer runs the same code and shares one compiled graph.
     """
     import bitsandbytes as bnb
 
