@@ -271,7 +271,8 @@ def run_unsloth(spec: dict, args, data: Path) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
     rows = [json.loads(line)["text"] for line in data.read_text().splitlines()]
     ids = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in rows]
-    times, tokens, losses = [], [], []
+    times, tokens, losses, ends = [], [], [], []
+    profiler = unsloth_profiler(spec, args)
     torch.cuda.reset_peak_memory_stats()
     for step in range(args.warmup + args.steps):
         chunk = ids[step * spec["batch"] : (step + 1) * spec["batch"]]
@@ -288,14 +289,40 @@ def run_unsloth(spec: dict, args, data: Path) -> dict:
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
+        ends.append(time.perf_counter())
         tokens.append(int(mask.sum()))
         losses.append(loss.item())
+        if profiler:
+            profiler.step()
+    if profiler:
+        from profile_train import report  # the same tables and summary line as our profiled runs
+
+        profiler.stop()
+        active = min(args.steps, 2)
+        report(profiler, profiler.out, ends[args.warmup - 1 : args.warmup + active], active, rank=0)
     return {
         "tokens_per_s": sum(tokens[args.warmup :]) / sum(times[args.warmup :]),  # real tokens only
         "mfu": None,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "final_loss": losses[-1],
     }
+
+
+def unsloth_profiler(spec: dict, args):
+    """With --profile, torch.profiler over Unsloth's loop, recording the steps after --warmup."""
+    if not args.profile:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    warmup = max(args.warmup, 1)
+    profiler = profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        schedule=schedule(wait=warmup - 1, warmup=1, active=min(args.steps, 2), repeat=1),
+    )
+    profiler.out = args.profile / spec["name"].replace(":", "-")
+    profiler.out.mkdir(parents=True, exist_ok=True)
+    profiler.start()
+    return profiler
 
 
 def peaks_by_gpu(records: list[list[float] | None]) -> list[float] | None:
@@ -489,7 +516,9 @@ def main() -> None:
     parser.add_argument(
         "--prequantized", action="store_true", help="build the model already in NF4, layer by layer (for 70B)"
     )
-    parser.add_argument("--profile", type=Path, help="run ours under torch.profiler; tables and traces go here")
+    parser.add_argument(
+        "--profile", type=Path, help="run ours and Unsloth under torch.profiler; tables and traces go here"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one spec in this process
     args = parser.parse_args()
     args.model_dir = args.model_dir / f"{args.shape}{'-nf4' if args.prequantized else ''}"

@@ -6,9 +6,11 @@
 
 The first --skip optimizer steps run unprofiled (loading, warmup, allocator growth); the next
 --active steps are recorded. Printed: the kernels and ops by GPU time, and for the recorded steps
-the wall time against the GPU's time in compute kernels and in collectives (NCCL kernels run on
-their own stream, so they overlap compute or not). Compute kernels far below the wall time with few
-collectives means the GPU waits on the host; with many, on the other GPUs. Under a multi-process
+the wall time against the GPU's kernel time, split by kernel family (matmuls, NF4 dequantization,
+attention, compiled Triton kernels, other elementwise kernels, NCCL collectives; collectives run on
+their own stream, so they overlap compute or not). Kernels far below the wall time with few
+collectives means the GPU waits on the host; with many, on the other GPUs. bench.py --profile uses
+the same summary for Unsloth's loop. Under a multi-process
 launch every process records its own steps into --out/rank-N; the main process prints its table.
 The Chrome trace goes to trace.json.gz there (open it in chrome://tracing or Perfetto).
 """
@@ -20,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -61,6 +64,27 @@ def main() -> None:
         code = train.main(["--config", args.config])
     if code:
         raise SystemExit(code)
+    report(profiler, out, steps[args.skip - 1 : args.skip + args.active], args.active, rank)
+
+
+# Kernel families by name, first match wins: where a step's GPU time goes, at a glance.
+FAMILIES = [
+    ("collectives", ("nccl",)),
+    ("NF4 dequantize", ("dequantize", "kdequant")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "cublas", "sm90_xmma", "matmul", "_mm_", "splitk")),
+    ("compiled (triton)", ("triton_",)),
+]
+
+
+def family(kernel: str) -> str:
+    name = kernel.lower()
+    return next((label for label, keys in FAMILIES if any(key in name for key in keys)), "other elementwise")
+
+
+def report(profiler, out: Path, recorded: list[float], active: int, rank: int) -> None:
+    """Write ops.txt (and print it on the main process), then the trace, then one summary line:
+    the recorded steps' wall time against the GPU's kernel time, by kernel family."""
     events = profiler.key_averages()
     sort = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     table = events.table(sort_by=sort, row_limit=45, max_name_column_width=70)
@@ -70,14 +94,16 @@ def main() -> None:
     trace = out / "trace.json"
     profiler.export_chrome_trace(str(trace))
     if torch.cuda.is_available():
-        recorded = steps[args.skip - 1 : args.skip + args.active]
         wall = (recorded[-1] - recorded[0]) * 1e3
         kernels = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "kernel"]
-        collectives = sum(e["dur"] for e in kernels if "nccl" in e.get("name", "").lower()) / 1e3
-        compute = sum(e["dur"] for e in kernels) / 1e3 - collectives
+        by_family = Counter()
+        for event in kernels:
+            by_family[family(event.get("name", ""))] += event["dur"] / 1e3
+        busy = sum(by_family.values())
+        split = ", ".join(f"{label} {ms:.0f} ({ms / busy:.0%})" for label, ms in by_family.most_common())
         line = (
-            f"rank {rank}, recorded {args.active} steps: wall {wall:.0f} ms, compute kernels {compute:.0f} ms "
-            f"({compute / wall:.0%} of the wall time), collectives {collectives:.0f} ms"
+            f"rank {rank}, recorded {active} steps: wall {wall:.0f} ms, kernels {busy:.0f} ms "
+            f"({busy / wall:.0%} of the wall time); ms by family: {split}"
         )
         print(line, flush=True)
         with open(out / "ops.txt", "a") as handle:
