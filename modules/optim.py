@@ -27,8 +27,16 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, matrices: set[
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, matrices: set[str] | None = None) -> torch.optim.AdamW:
+    """AdamW in one fused kernel per device and dtype where torch has one (CUDA and CPU).
+
+    The loop waits for the GPU once per step (the finite-loss check), so whatever the optimizer
+    launches after that runs on an idle GPU: torch's default multi-tensor AdamW took 12-15 ms of
+    host time per step for an 8B adapter's 448 tensors, the GPU waiting (one H200, 2026-11-30).
+    """
     groups = [group for group in parameter_groups(model, train.weight_decay, matrices) if group["params"]]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas)
+    devices = {p.device.type for group in groups for p in group["params"]}
+    fused = bool(devices) and devices <= {"cuda", "cpu"}
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, fused=fused or None)
 
 
 def build_scheduler(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float):
