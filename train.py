@@ -375,7 +375,7 @@ def load_and_fit_memory(setup: Setup, accelerator) -> tuple[torch.nn.Module, obj
         plan.sharded,
         plan.compiled,
     )
-    model = CausalLMLoss(peft_model, chunked=config.train.chunked_loss)
+    model = CausalLMLoss(peft_model, chunked=config.train.chunked_loss, compiled=plan.compiled)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if config.data.packing:  # varlen kernels take the sample boundaries; sdpa/eager read them from position_ids
         collate = PackedCollator(varlen_kwargs=plan.attention in ("flash_attention_2", VARLEN))

@@ -144,3 +144,29 @@ def test_compiled_layers_recompute_seeded_dropout_masks_exactly_on_the_gpu(tiny_
     assert torch.equal(keep_mask(seed.cpu(), shape, 0.05, torch.device("cpu")), eager.cpu())  # same bits everywhere
     compiled_against_eager_with_seeded_dropout(tiny_model_dir, cuda, tolerance=0.1, dropout=0.1)
     compiled_against_eager_with_seeded_dropout(tiny_model_dir, cuda, tolerance=0.1, dropout=0.0)
+
+
+def test_linear_cross_entropy_equals_the_checkpointed_loss_on_the_gpu():
+    from modules.loss import chunked_cross_entropy
+    from modules.tokens import IGNORE_INDEX
+
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    head = torch.nn.Linear(256, 32000, bias=False, device=cuda, dtype=torch.bfloat16)
+    hidden = torch.randn(2, 3000, 256, device=cuda, dtype=torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 32000, (2, 3000), device=cuda)
+    labels[:, :700] = IGNORE_INDEX  # prompts: 4,598 trained positions, the last chunk partial
+
+    def loss_and_grad(compiled: bool, trained_head: bool):
+        head.weight.requires_grad_(trained_head)  # a trained head takes the checkpointed path
+        hidden.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            total = chunked_cross_entropy(hidden, head, labels, chunk=1024, compiled=compiled)
+        (total * 0.5).backward()  # the step's scaling reaches the precomputed gradient
+        return total.item(), hidden.grad.float()
+
+    expected_loss, expected_grad = loss_and_grad(compiled=False, trained_head=True)
+    for compiled in (False, True):
+        loss, grad = loss_and_grad(compiled, trained_head=False)
+        assert loss == pytest.approx(expected_loss, rel=1e-3), compiled
+        assert (grad - expected_grad).norm() / expected_grad.norm() < 1e-2, compiled

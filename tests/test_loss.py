@@ -3,8 +3,15 @@
 import pytest
 import torch
 from conftest import nf4
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from modules.loss import CausalLMLoss, chunked_cross_entropy, compute_loss
+from modules.loss import (
+    CausalLMLoss,
+    chunked_cross_entropy,
+    compute_loss,
+    elementwise_logits_loss_and_grads,
+    logits_loss_and_grads,
+)
 from modules.packing import PackedCollator
 from modules.tokens import IGNORE_INDEX
 
@@ -39,6 +46,24 @@ def batch():
     return PackedCollator()([samples[:2], samples[2:]])
 
 
+class VocabularyWideOps(TorchDispatchMode):
+    """Every aten op, backward's too, that outputs new rows `width` wide (logits or their
+    gradient, not a view of lm_head's weight): its name and row count."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width, self.ops = width, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.ndim >= 2 and out.shape[-1] == self.width and not out._is_view():
+            self.ops.append((func.__name__.split(".")[0], out.shape[:-1].numel()))
+        return out
+
+    def rows(self, op: str) -> list[int]:
+        return [rows for name, rows in self.ops if name == op]
+
+
 def loss_and_grads(model, inputs, count):
     model.zero_grad()
     loss = compute_loss(model, inputs, count)
@@ -55,17 +80,16 @@ def test_chunked_loss_equals_the_models_own_loss_and_gradients(tiny_model_dir, w
     reference = CausalLMLoss(lora_model(tiny_model_dir, trainable_tokens), chunked=False)  # transformers' loss
     expected_loss, expected_grads = loss_and_grads(reference, inputs, count)
     chunked = CausalLMLoss(lora_model(tiny_model_dir, trainable_tokens), chunked=True, chunk=16)
-    rows_per_head_call = []
-    chunked.lm.get_output_embeddings().register_forward_hook(
-        lambda module, args, out: rows_per_head_call.append(args[0].shape[:-1].numel())
-    )
-    loss, grads = loss_and_grads(chunked, inputs, count)  # several chunks, the last one partial
+    with VocabularyWideOps(chunked.lm.config.vocab_size) as forward:
+        loss = compute_loss(chunked, inputs, count)  # several chunks, the last one partial
+    loss.backward()
+    loss, grads = loss.item(), {n: p.grad for n, p in chunked.named_parameters() if p.requires_grad}
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     assert grads.keys() == expected_grads.keys()
     for name, grad in expected_grads.items():
         error = (grads[name] - grad).norm() / grad.norm()
         assert error < 1e-4, f"{name}: relative gradient error {error:.2e}"
-    assert max(rows_per_head_call) <= 16 < inputs["input_ids"].numel()  # the whole batch's logits never exist
+    assert max(forward.rows("mm")) <= 16 < inputs["input_ids"].numel()  # the whole batch's logits never exist
     with torch.no_grad():  # generation runs the PEFT model's own forward
         plain = {k: v for k, v in inputs.items() if k != "labels"}
         torch.testing.assert_close(chunked.lm(**plain).logits, reference.lm(**plain).logits)
@@ -81,3 +105,31 @@ def test_only_labelled_positions_reach_lm_head():
     assert seen == [1, 1]  # positions 2 and 3 predict the labels at 3 and 4; nothing else is computed
     expected = torch.nn.functional.cross_entropy(head(hidden[0, 2:4]), labels[0, 3:5], reduction="sum")
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_frozen_head_gets_its_gradient_in_the_forward_and_backward_computes_no_logits(tiny_model_dir):
+    inputs, count = batch(), torch.tensor(80)
+    model = CausalLMLoss(lora_model(tiny_model_dir), chunked=True, chunk=16)
+    with VocabularyWideOps(model.lm.config.vocab_size) as forward:
+        loss = compute_loss(model, inputs, count)
+    with VocabularyWideOps(model.lm.config.vocab_size) as backward:
+        loss.backward()
+    assert forward.rows("mm") == [16, 16, 16, 14]  # lm_head on the 62 trained positions, in chunks of 16
+    assert backward.ops == []  # the checkpointed path ran lm_head and the softmax again here, per chunk
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("form", ["in-place", "elementwise", "elementwise-compiled"])
+def test_logits_loss_and_gradient_equal_autograd_of_cross_entropy(form):
+    function = logits_loss_and_grads if form == "in-place" else elementwise_logits_loss_and_grads
+    if form.endswith("compiled"):
+        function = torch.compile(function, dynamic=True)
+    for rows in (7, 3):  # a shorter last chunk
+        generator = torch.Generator().manual_seed(rows)
+        logits = (torch.randn(rows, 50, generator=generator) * 4).requires_grad_()
+        targets = torch.randint(0, 50, (rows,), generator=generator)
+        expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        expected.backward()
+        loss, grads = function(logits.detach().clone(), targets)  # overwrites fp32 logits
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        torch.testing.assert_close(grads, logits.grad, rtol=1e-5, atol=1e-6)
