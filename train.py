@@ -244,7 +244,7 @@ def prepare(args: argparse.Namespace, lock: RunLock) -> Setup:
         sharded=sharded,
         precision=precision,
         attention=attention,
-        compiled=resolve_compile(config, state.device, sharded),
+        compiled=resolve_compile(config, state.device),
         recompute=resolve_recompute(config, state.device, sharded),  # None: auto, probed after loading
         wandb_mode=wandb_mode,
         summary=summary,

@@ -58,7 +58,7 @@ def ours_step(model_dir: Path, recompute: str, tiled_mlp: int | None = None):
     precision = resolve_precision(config, device)
     attention = resolve_attention(config, device, precision)
     tokenizer = load_tokenizer(str(model_dir))
-    compiled = resolve_compile(config, device, sharded=False)
+    compiled = resolve_compile(config, device)
     model = load_model(config, str(model_dir), tokenizer, precision, attention, device, compiled=compiled)
     model.train()
     with_loss = CausalLMLoss(model, chunked=config.train.chunked_loss)

@@ -154,8 +154,8 @@ class TrainConfig(Section):
         "auto",
         description="torch.compile each decoder layer (fuses norms, rotary, SwiGLU and the LoRA adds, and keeps "
         "less for backward: elementwise work and seeded LoRA dropout masks are recomputed; the first steps "
-        "compile). auto: on for one process on one GPU and for DDP; off on the CPU (compiling costs "
-        "minutes), under device_map and FSDP (true turns it on there; under FSDP not yet measured faster).",
+        "compile). auto: on GPUs for one process, DDP and FSDP; off on the CPU (compiling costs minutes) and "
+        "under device_map (true turns it on there).",
     )
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         "auto", description="auto: bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, no on CPU."

@@ -23,19 +23,17 @@ from modules.recompute import decoder_layers, resolve_recompute, set_checkpointi
 from modules.tokens import choose_pad_token
 
 
-def resolve_compile(config: RunConfig, device: torch.device, sharded: bool) -> bool:
+def resolve_compile(config: RunConfig, device: torch.device) -> bool:
     """Whether the decoder layers run through torch.compile (train.compile).
 
-    auto compiles where it was measured faster: on GPUs, one process or DDP (2 H200s: 1.25-1.29x
-    DDP's eager tokens/s in the same call, benchmarks/README.md). device_map and FSDP launches can
-    ask for it (train.compile true). Under FSDP compiled layers train the same losses
-    (tests/test_fsdp.py); on two H200s they were slower than eager ones, broken into pieces around
-    each 4-bit projection (since fixed: distributed.traceable_4bit_forwards) and not yet measured
-    again, so auto leaves them off there.
+    auto compiles where it was measured faster: on GPUs, one process, DDP or FSDP (2 H200s, same
+    calls, benchmarks/README.md: DDP 1.25-1.29x its eager tokens/s; FSDP 1.40x, with the 4-bit
+    linears' forward made traceable, distributed.traceable_4bit_forwards). device_map launches can
+    ask for it (train.compile true).
     """
     choice = config.train.compile
     if choice == "auto":
-        return device.type == "cuda" and not config.model.device_map and not sharded
+        return device.type == "cuda" and not config.model.device_map
     return choice
 
 

@@ -151,16 +151,11 @@ def recompute_line(plan: Plan) -> str:
 
 
 def compile_off_line(plan: Plan) -> str:
-    """Why the decoder layers run eagerly: asked, or where auto does not compile (measured faster: one process
-    or DDP on GPUs)."""
+    """Why the decoder layers run eagerly: asked, or where auto does not compile (measured faster: one process,
+    DDP or FSDP on GPUs)."""
     if plan.config.train.compile != "auto":
         return "off"
-    if plan.device.type != "cuda":
-        where = "on the CPU"
-    elif plan.sharded:
-        where = "under FSDP, where compiled layers are not yet measured faster than eager ones; true compiles"
-    else:
-        where = "under device_map auto"
+    where = "on the CPU" if plan.device.type != "cuda" else "under device_map auto"
     return f"off (auto: {where})"
 
 

@@ -126,16 +126,14 @@ def test_compile_and_offload_switches_take_true_false_or_their_word():
             run_config(**{key: "sometimes"})
 
 
-def test_compile_is_on_by_default_on_gpus_except_under_device_map_and_fsdp():
+def test_compile_is_on_by_default_on_gpus_except_under_device_map():
     cuda = torch.device("cuda")  # a device object; nothing runs on it
-    assert resolve_compile(run_config(), cuda, sharded=False)
-    assert not resolve_compile(run_config(), CPU, sharded=False)  # compiling on the CPU costs minutes
-    assert not resolve_compile(run_config(), cuda, sharded=True)
+    assert resolve_compile(run_config(), cuda)  # one process, DDP and FSDP alike
+    assert not resolve_compile(run_config(), CPU)  # compiling on the CPU costs minutes
     split = RunConfig.model_validate(run_config().model_dump() | {"model": {"name_or_path": "m", "device_map": "auto"}})
-    assert not resolve_compile(split, cuda, sharded=False)
-    assert resolve_compile(run_config(compile=True), CPU, sharded=False)
-    assert not resolve_compile(run_config(compile=False), cuda, sharded=False)
-    assert resolve_compile(run_config(compile=True), cuda, sharded=True)  # asked for under FSDP: compiled
+    assert not resolve_compile(split, cuda)
+    assert resolve_compile(run_config(compile=True), CPU)
+    assert not resolve_compile(run_config(compile=False), cuda)
 
 
 def lora_model(model_dir, compiled: bool = False, dropout: float = 0.0, device=CPU, **train):
