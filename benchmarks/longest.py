@@ -61,7 +61,7 @@ def ours_step(model_dir: Path, recompute: str, tiled_mlp: int | None = None):
     compiled = resolve_compile(config, device)
     model = load_model(config, str(model_dir), tokenizer, precision, attention, device, compiled=compiled)
     model.train()
-    with_loss = CausalLMLoss(model, chunked=config.train.chunked_loss)
+    with_loss = CausalLMLoss(model, chunked=config.train.chunked_loss, compiled=compiled)
     optimizer = build_optimizer(model, config.train)
     offload = activation_offload(config.train.grad_checkpointing, model, device)
     collate = PackedCollator(varlen_kwargs=attention in ("flash_attention_2", VARLEN))

@@ -67,7 +67,7 @@ def main(config_path: str, out: str, wrapper: str = "fsdp") -> None:
     precision = Precision(mixed="no", compute_dtype=torch.float32)
     source, new_tokens = config.model.name_or_path, data.trainable_token_ids
     peft_model = load_model(config, source, tokenizer, precision, "sdpa", cpu, new_tokens, sharded, compiled)
-    model = CausalLMLoss(peft_model, chunked=config.train.chunked_loss)
+    model = CausalLMLoss(peft_model, chunked=config.train.chunked_loss, compiled=compiled)  # as train.py
     resized = len(tokenizer) > inspect_model(config, config.model.name_or_path).vocab_size
     matrices = {canonical_name(name) for name, p in model.named_parameters() if p.requires_grad and p.ndim >= 2}
     storage = {p.dtype for p in model.parameters() if type(p).__name__ == "Params4bit"}
