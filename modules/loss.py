@@ -49,10 +49,8 @@ def chunked_cross_entropy(
     keep = targets != IGNORE_INDEX
     states = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
     targets = targets[keep]
-    head = lm_head.weight
-    frozen_head = type(lm_head) is torch.nn.Linear and lm_head.bias is None and not head.requires_grad
-    if frozen_head and torch.is_grad_enabled() and states.requires_grad:
-        # lm_head may sit on another GPU under device_map auto; autograd carries the gradient back.
+    if is_frozen_weight_only(lm_head) and torch.is_grad_enabled() and states.requires_grad:
+        head = lm_head.weight  # under device_map auto it may sit on another GPU: autograd carries the gradient back
         return LinearCrossEntropy.apply(states.to(head.device), head, targets.to(head.device), chunk, compiled)
 
     def piece(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -66,6 +64,19 @@ def chunked_cross_entropy(
         summed = checkpoint(piece, *pieces, use_reentrant=False)
         total = total + summed.to(total.device)  # lm_head may sit on another GPU under device_map auto
     return total
+
+
+def is_frozen_weight_only(module: torch.nn.Module) -> bool:
+    """A frozen, bias-free nn.Linear whose output is input @ weight.T and nothing else: no trained
+    rows (PEFT wraps the head then), no forward hooks, no weight an accelerate hook brings in."""
+    accelerate_hook = getattr(module, "_hf_hook", None)
+    return (
+        type(module) is torch.nn.Linear
+        and module.bias is None
+        and not module.weight.requires_grad
+        and not (module._forward_hooks or module._forward_pre_hooks)
+        and not getattr(accelerate_hook, "offload", False)
+    )
 
 
 def logits_loss_and_grads(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -133,3 +133,15 @@ def test_logits_loss_and_gradient_equal_autograd_of_cross_entropy(form):
         loss, grads = function(logits.detach().clone(), targets)  # overwrites fp32 logits
         assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
         torch.testing.assert_close(grads, logits.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_hooked_head_is_run_as_a_module_so_its_hooks_count(tiny_model_dir):
+    inputs, count = batch(), torch.tensor(80)
+    plain = CausalLMLoss(lora_model(tiny_model_dir), chunked=True, chunk=16)
+    hooked = CausalLMLoss(lora_model(tiny_model_dir), chunked=True, chunk=16)
+    hooked.lm.get_output_embeddings().register_forward_hook(lambda module, args, out: out * 0.5)
+    reference = CausalLMLoss(lora_model(tiny_model_dir), chunked=False)
+    reference.lm.get_output_embeddings().register_forward_hook(lambda module, args, out: out * 0.5)
+    expected = compute_loss(reference, inputs, count).item()
+    assert compute_loss(hooked, inputs, count).item() == pytest.approx(expected, rel=1e-5)
+    assert compute_loss(plain, inputs, count).item() != pytest.approx(expected, rel=1e-3)  # the hook matters
