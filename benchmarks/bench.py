@@ -11,7 +11,7 @@ auto; the plan's precision row says what) or `nogc`. Flags: `dropN` sets the LoR
 (default 5: 0.05; `drop0` for none); `liger` adds liger-kernel to Trainer (use_liger_kernel=True);
 `fullce` turns our chunked cross-entropy off (train.chunked_loss false); `eager` turns our compiled
 decoder layers off (train.compile false) and `compiled` on (train.compile true: auto compiles one
-process or DDP on GPUs, not device_map or FSDP). Unsloth (`../shared/device/pack-unsloth.sh` brings it; it needs a GPU)
+process, DDP or FSDP on GPUs, not device_map). Unsloth (`../shared/device/pack-unsloth.sh` brings it; it needs a GPU)
 runs its patched model (FastLanguageModel, NF4 + double quant, its own LoRA kernels) in a plain
 PyTorch loop: AdamW, bf16, the same rows; its first steps compile kernels, so give it --warmup 4 or more.
 Our runs may name a launch: `ddpN` (N processes, accelerate_configs/multi_gpu.yaml), `fsdpN`
@@ -212,8 +212,7 @@ def run_ours(spec: dict, args, data: Path) -> dict:
         config_path.write_text(yaml.safe_dump(config))
         command = [*launcher(spec), str(REPO / "train.py"), "--config", str(config_path)]
         if args.profile:  # train.py under torch.profiler, the measured steps recorded (every process: rank-N/)
-            folder = args.profile / spec["name"].replace(":", "-")
-            script = REPO / "benchmarks" / "profile_train.py"
+            script, folder = REPO / "benchmarks" / "profile_train.py", profile_folder(args, spec)
             command = [*launcher(spec), str(script), "--config", str(config_path), "--out", str(folder)]
             command += ["--skip", str(max(args.warmup, 1)), "--active", str(min(args.steps, 2))]
         # Every recompile of the compiled layers is logged, and counted below.
@@ -272,7 +271,7 @@ def run_unsloth(spec: dict, args, data: Path) -> dict:
     rows = [json.loads(line)["text"] for line in data.read_text().splitlines()]
     ids = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in rows]
     times, tokens, losses, ends = [], [], [], []
-    profiler = unsloth_profiler(spec, args)
+    profiler = unsloth_profiler(args)
     torch.cuda.reset_peak_memory_stats()
     for step in range(args.warmup + args.steps):
         chunk = ids[step * spec["batch"] : (step + 1) * spec["batch"]]
@@ -299,7 +298,7 @@ def run_unsloth(spec: dict, args, data: Path) -> dict:
 
         profiler.stop()
         active = min(args.steps, 2)
-        report(profiler, profiler.out, ends[args.warmup - 1 : args.warmup + active], active, rank=0)
+        report(profiler, profile_folder(args, spec), ends[args.warmup - 1 : args.warmup + active], active, rank=0)
     return {
         "tokens_per_s": sum(tokens[args.warmup :]) / sum(times[args.warmup :]),  # real tokens only
         "mfu": None,
@@ -308,7 +307,14 @@ def run_unsloth(spec: dict, args, data: Path) -> dict:
     }
 
 
-def unsloth_profiler(spec: dict, args):
+def profile_folder(args, spec: dict) -> Path:
+    """Where --profile puts a run's tables and trace."""
+    folder = args.profile / spec["name"].replace(":", "-")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def unsloth_profiler(args):
     """With --profile, torch.profiler over Unsloth's loop, recording the steps after --warmup."""
     if not args.profile:
         return None
@@ -319,8 +325,6 @@ def unsloth_profiler(spec: dict, args):
         activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
         schedule=schedule(wait=warmup - 1, warmup=1, active=min(args.steps, 2), repeat=1),
     )
-    profiler.out = args.profile / spec["name"].replace(":", "-")
-    profiler.out.mkdir(parents=True, exist_ok=True)
     profiler.start()
     return profiler
 

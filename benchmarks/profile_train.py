@@ -10,9 +10,9 @@ the wall time against the GPU's kernel time, split by kernel family (matmuls, NF
 attention, compiled Triton kernels, other elementwise kernels, NCCL collectives; collectives run on
 their own stream, so they overlap compute or not). Kernels far below the wall time with few
 collectives means the GPU waits on the host; with many, on the other GPUs. bench.py --profile uses
-the same summary for Unsloth's loop. Under a multi-process
-launch every process records its own steps into --out/rank-N; the main process prints its table.
-The Chrome trace goes to trace.json.gz there (open it in chrome://tracing or Perfetto).
+the same summary for Unsloth's loop. Under a multi-process launch every process records its own
+steps into --out/rank-N; the main process prints its table. The Chrome trace goes to trace.json.gz
+there (open it in chrome://tracing or Perfetto).
 """
 
 import argparse

@@ -42,8 +42,8 @@ def chunked_cross_entropy(
 ) -> torch.Tensor:
     """Summed cross-entropy of lm_head(hidden[t]) against labels[t + 1] over the labelled positions.
 
-    `compiled` runs each chunk's softmax and its gradient as one compiled kernel pair (GPUs) rather
-    than eager passes over fp32 copies of the chunk's logits.
+    `compiled` (set where the decoder layers are compiled) runs each chunk's softmax and its
+    gradient as two compiled kernels rather than eager passes over an fp32 copy of the chunk's logits.
     """
     targets = labels[:, 1:].reshape(-1).to(hidden.device)  # under device_map auto, hidden is on the last GPU
     keep = targets != IGNORE_INDEX
