@@ -49,6 +49,7 @@ from modules.generation import SampleWriter
 from modules.hardware import memory_after_loading, peak_flops, resolve_attention, resolve_precision
 from modules.loss import CausalLMLoss, compute_loss, language_model
 from modules.model import count_4bit_linears, inspect_model, load_model, load_tokenizer, placement, resolve_compile
+from modules.nf4 import count_in_graph
 from modules.optim import build_optimizer, build_scheduler, total_optimizer_steps
 from modules.outputs import (
     RunLock,
@@ -389,6 +390,7 @@ def load_and_fit_memory(setup: Setup, accelerator) -> tuple[torch.nn.Module, obj
     loaded = Loaded(
         trainable_params=trainable,
         linears_4bit=count_4bit_linears(peft_model),
+        nf4_in_graph=count_in_graph(peft_model),
         recompute=recompute,
         loading_memory=loading_memory,
         placement=placement(peft_model, torch.cuda.device_count()) if config.model.device_map else None,

@@ -18,6 +18,7 @@ from modules.distributed import traceable_4bit_forwards
 from modules.dropout import use_seeded_dropout
 from modules.errors import UserError
 from modules.hardware import Precision
+from modules.nf4 import compiled_4bit_forwards
 from modules.packing import VARLEN, register_varlen_attention
 from modules.recompute import decoder_layers, resolve_recompute, set_checkpointing, tile_decoder_mlps
 from modules.tokens import choose_pad_token
@@ -195,6 +196,8 @@ def load_model(
     if compiled:
         if sharded:
             traceable_4bit_forwards(peft_model)  # FSDP's plain weight views, which bitsandbytes' forward rewraps
+        else:
+            compiled_4bit_forwards(peft_model)  # NF4 dequantized inside the compiled graph, in one kernel
         compile_decoder_layers(peft_model)
         use_seeded_dropout(peft_model)  # masks the compiled layers recompute rather than keep
     return peft_model

@@ -18,6 +18,7 @@ from modules.data import DataAudit, print_audit
 from modules.hardware import Precision
 from modules.loss import CHUNK_TOKENS, SUPPORTED
 from modules.model import ModelSummary
+from modules.packing import VARLEN
 from modules.recompute import RECOMPUTE_WORDS, RecomputeChoice
 
 
@@ -27,6 +28,7 @@ class Loaded:
 
     trainable_params: int
     linears_4bit: int
+    nf4_in_graph: int  # of those, dequantized inside the compiled layers' graph (modules.nf4)
     recompute: RecomputeChoice
     loading_memory: str | None  # the GPU's holding and peak after loading (None on the CPU)
     placement: str | None  # device_map auto: where the decoder layers went
@@ -93,8 +95,8 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
         params = f"{summary.total_params:,} total, ~{summary.lora_params:,} trainable (LoRA)"
         quantized = f"~{summary.quantized_linears} linear layers in 4-bit" if quant.load_in_4bit else "none"
     compiling = (
-        "on (decoder layers, elementwise work recomputed in backward, seeded LoRA dropout masks; the first steps "
-        "compile)"
+        f"on (decoder layers, elementwise work recomputed in backward, seeded LoRA dropout masks{in_graph_line(plan)}; "
+        "the first steps compile)"
         if plan.compiled
         else compile_off_line(plan)
     )
@@ -121,7 +123,7 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
             f"{plan.total_steps} optimizer steps, {plan.warmup_steps} warmup, cosine to "
             f"{train.min_lr_ratio:g} x lr {train.lr:g}; AdamW wd {train.weight_decay:g}",
         ),
-        ("attention", plan.attention),
+        ("attention", attention_line(plan)),
         ("work per token", flops_line(plan)),
         (
             "precision",
@@ -148,6 +150,27 @@ def recompute_line(plan: Plan) -> str:
     if choice.mode == "offload" and plan.device.type != "cuda":
         words = "on (offload asked, but on the CPU there is nothing to offload)"
     return f"{words} ({choice.why})" if choice.why else words
+
+
+def in_graph_line(plan: Plan) -> str:
+    """Which 4-bit linears compiled layers dequantize in their own graph (modules.nf4), once loaded."""
+    loaded = plan.loaded
+    if loaded is None or not loaded.linears_4bit:
+        return ""
+    if loaded.nf4_in_graph == loaded.linears_4bit:
+        return ", NF4 dequantized in-graph"
+    where = "FSDP's flat shards" if plan.sharded else "not NF4 in whole blocks of bytes"
+    share = f"{loaded.nf4_in_graph} of {loaded.linears_4bit} 4-bit linears"
+    return f", NF4 dequantized in-graph for {share} (the rest, {where}: bitsandbytes' kernels)"
+
+
+def attention_line(plan: Plan) -> str:
+    if plan.attention != VARLEN:
+        return plan.attention
+    return (
+        f"{VARLEN} (PyTorch's FlashAttention-2 varlen kernel over packed samples; a micro-batch of one "
+        "sample per row, all of one length, runs SDPA's dense kernel)"
+    )
 
 
 def compile_off_line(plan: Plan) -> str:

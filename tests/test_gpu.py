@@ -1,5 +1,7 @@
 """The GPU path: bf16 autocast, NF4 matmuls on CUDA, CUDA peak memory. Skipped without a GPU."""
 
+import inspect
+
 import pytest
 import torch
 from conftest import write_config
@@ -170,3 +172,77 @@ def test_linear_cross_entropy_equals_the_checkpointed_loss_on_the_gpu():
         loss, grad = loss_and_grad(compiled, trained_head=False)
         assert loss == pytest.approx(expected_loss, rel=1e-3), compiled
         assert (grad - expected_grad).norm() / expected_grad.norm() < 1e-2, compiled
+
+
+def test_nf4_dequantized_in_the_compiled_graph_equals_bitsandbytes_on_the_gpu():
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from test_nf4 import arguments, quantized
+
+    from modules.nf4 import compiled_4bit_forwards, dequantize_nf4
+
+    for shape, dtype, nested in (((1000, 832), torch.bfloat16, True), ((384, 320), torch.float32, False)):
+        packed, state = quantized(shape, dtype, nested, device="cuda")  # 13,000 absmaxes: a partial block
+        assert torch.equal(dequantize_nf4(*arguments(packed, state)), F.dequantize_4bit(packed, state))
+
+    torch.manual_seed(0)
+    weight = torch.randn(1024, 768, device="cuda", dtype=torch.bfloat16)
+
+    def layer():
+        module = bnb.nn.Linear4bit(768, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        module.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4")
+        return module.cuda()
+
+    x = torch.randn(3, 500, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    reference = layer()(x)
+    reference.float().square().sum().backward()
+    expected_grad, x.grad = x.grad, None
+    ours = layer()
+    assert compiled_4bit_forwards(ours) == (1, 0)
+    output = torch.compile(ours)(x)
+    output.float().square().sum().backward()
+    torch.testing.assert_close(output, reference)  # the same weight, the same cuBLAS product
+    torch.testing.assert_close(x.grad, expected_grad)
+
+
+@pytest.mark.parametrize("lengths", [[37, 5, 120, 64], [120, 120, 120]])  # packed samples; same-length rows
+def test_the_varlen_backend_takes_grouped_heads_as_they_are_and_equals_repeated_heads_on_the_gpu(lengths):
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers import AttentionInterface
+
+    from modules.packing import VARLEN, register_varlen_attention, varlen_available
+
+    if not varlen_available(torch.device("cuda")):
+        pytest.skip("torch.nn.attention.varlen needs torch >= 2.10 on an Ampere or newer GPU")
+    register_varlen_attention()
+    backend = AttentionInterface()[VARLEN]
+    torch.manual_seed(0)
+    tokens, longest = sum(lengths), max(lengths)
+    cumulative = torch.tensor([0, *lengths], device="cuda").cumsum(0, dtype=torch.int32)
+    # (1, heads, tokens, dim) as transformers passes them: 8 query heads, 2 key/value heads
+    q = torch.randn(1, 8, tokens, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, 2, tokens, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    target = torch.randn(tokens, 8, 64, device="cuda", dtype=torch.bfloat16)
+    sizes = {"cu_seq_lens_q": cumulative, "cu_seq_lens_k": cumulative, "max_length_q": longest, "max_length_k": longest}
+
+    def run(function):
+        for tensor in (q, k, v):
+            tensor.grad = None
+        out = function(q, k, v)
+        (out.float() * target).sum().backward()
+        return [out.float(), q.grad.float(), k.grad.float(), v.grad.float()]
+
+    def repeated_heads(q, k, v):
+        q, k, v = (tensor[0].transpose(0, 1) for tensor in (q, k, v))
+        k, v = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+        causal = {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {}
+        causal = causal or {"window_size": (-1, 0)}
+        return varlen_attn(q, k, v, cumulative, cumulative, longest, longest, **causal)
+
+    def through_the_backend(q, k, v):
+        return backend(torch.nn.Module(), q, k, v, None, **sizes)[0][0]
+
+    expected = run(repeated_heads)
+    for function in (through_the_backend, torch.compile(through_the_backend)):
+        for ours, reference in zip(run(function), expected, strict=True):
+            assert (ours - reference).norm() / reference.norm() < 1e-2

@@ -214,9 +214,11 @@ def test_compiled_decoder_layers_train_like_eager_ones_and_generation_stays_eage
 
     # A compiled layer saves its weights for backward too (the 4-bit bytes: 2,048+ elements here);
     # offloading moves the activations (tokens in their shape) and leaves every weight in place.
+    # (The 5,056-byte CPU generator state the compiler keeps per layer around CPU attention, an op
+    # that may draw random numbers, stays below the size offloaded here, as it is on GPUs.)
     (batch,) = packed_batches([[60, 36]])
     _, kept = loss_and_gradients(compiled, batch)
-    offload = ActivationOffload(compiled, min_elements=1024)
+    offload = ActivationOffload(compiled, min_elements=6000)
     _, offloaded = loss_and_gradients(compiled, batch, offload)
     assert offload.offloaded and all({94, 95, 96} & set(shape) for shape in offload.offloaded)
     for name, gradient in kept.items():

@@ -224,6 +224,7 @@ def test_compiled_decoder_layers_under_ddp_train_like_one_eager_process(tmp_path
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "torch.compile on" in two.stdout and "2 x cpu" in two.stdout
+    assert "NF4 dequantized in-graph;" in two.stdout  # every 4-bit linear through modules.nf4
     one = run_cli("--config", str(config), f"output_dir={tmp_path / 'one'}", "train.micro_batch_size=4")
     assert one.returncode == 0, one.stderr[-3000:]
     for a, b in zip(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"), strict=True):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import nf4
 
-from modules.packing import PackedCollator, PackedDataset, best_fit_decreasing
+from modules.packing import PackedCollator, PackedDataset, best_fit_decreasing, same_length_rows
 from modules.tokens import IGNORE_INDEX
 
 
@@ -130,3 +130,19 @@ def test_a_packed_row_gives_the_summed_loss_and_gradients_of_its_samples_run_alo
     leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1])[None]
     leaky_loss, _ = loss_and_grads(leaky)
     assert abs(leaky_loss.item() - alone_loss.item()) > 1e-3 * alone_loss.item()
+
+
+def test_same_length_rows_attend_as_each_sample_alone_with_repeated_key_value_heads():
+    torch.manual_seed(0)
+    rows, length = 3, 10
+    q = torch.randn(rows * length, 4, 8, requires_grad=True)  # (tokens, heads, dim), samples one after another
+    k, v = (torch.randn(rows * length, 2, 8) for _ in range(2))  # 2 key/value heads, each for 2 query heads
+    out = same_length_rows(q, k, v, rows, scale=0.3)
+    assert out.shape == q.shape
+    for row in range(rows):
+        part = slice(row * length, (row + 1) * length)
+        repeated = (q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            *(t[part].transpose(0, 1) for t in repeated), is_causal=True, scale=0.3
+        )
+        torch.testing.assert_close(out[part], alone.transpose(0, 1))
