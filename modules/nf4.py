@@ -119,7 +119,7 @@ def dequantize_kernel():
     return dequantize_nf4_kernel
 
 
-def fusable(module: torch.nn.Module) -> bool:
+def kernel_reads(module: torch.nn.Module) -> bool:
     """A bitsandbytes Linear4bit whose weight `dequantize_nf4` reads exactly: NF4, packed in bytes,
     whole blocks."""
     import bitsandbytes as bnb
@@ -138,7 +138,7 @@ def fusable(module: torch.nn.Module) -> bool:
 
 
 def compiled_4bit_forwards(model: torch.nn.Module) -> tuple[int, int]:
-    """Give each fusable 4-bit linear the forward above; returns (changed, left on bitsandbytes' own).
+    """Give each 4-bit linear the kernel reads the forward above; returns (changed, left on bitsandbytes' own).
 
     The class is swapped, not each module's forward replaced, so that every decoder layer runs the
     same code and shares one compiled graph.
@@ -147,7 +147,7 @@ def compiled_4bit_forwards(model: torch.nn.Module) -> tuple[int, int]:
 
     changed = kept = 0
     for module in model.modules():
-        if fusable(module):
+        if kernel_reads(module):
             module.__class__ = nf4_linear_class()
             changed += 1
         elif type(module) is bnb.nn.Linear4bit:
