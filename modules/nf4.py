@@ -138,7 +138,8 @@ def kernel_reads(module: torch.nn.Module) -> bool:
 
 
 def compiled_4bit_forwards(model: torch.nn.Module) -> tuple[int, int]:
-    """Give each 4-bit linear the kernel reads the forward above; returns (changed, left on bitsandbytes' own).
+    """Give every 4-bit linear that `kernel_reads` the compiled forward below; returns (changed, left on
+    bitsandbytes' own).
 
     The class is swapped, not each module's forward replaced, so that every decoder layer runs the
     same code and shares one compiled graph.
