@@ -197,7 +197,8 @@ def register_varlen_attention() -> None:
         # Grouped key/value heads (GQA) go to the kernel as they are: FlashAttention-2 reads each
         # key/value head for its group of query heads. Repeating them per query head cost 4 ms of a
         # Llama-3-8B step at 4 x 2,048 tokens, and a sum over the copies in backward (2026-11-30).
-        # torch >= 2.13 asks for enable_gqa=True; 2.10-2.12 pass grouped heads through unchecked.
+        # torch >= 2.13 asks for enable_gqa=True; 2.11 passes grouped heads through unchecked (tested on
+        # an H200; 2.10 and 2.12 not tried).
         gqa = {"enable_gqa": True} if native_gqa and k.shape[1] != q.shape[1] else {}
         cumulative = cumulative.to(q.device, torch.int32)
         longest = int(kwargs["max_length_q"])
