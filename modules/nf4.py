@@ -66,27 +66,27 @@ BYTES_PER_PROGRAM = 1024  # 2,048 weights a program
 
 
 def launch_dequantize_kernel(
-    packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out
-):
-    kernel = dequantize_kernel()
+    packed, absmax, code, nested_absmax, nested_code, offset, blocksize: int, nested_blocksize: int, out: torch.Tensor
+) -> None:
     nested = nested_absmax is not None
     count = packed.numel()
     grid = (-(-count // BYTES_PER_PROGRAM),)
-    kernel[grid](
-        packed.view(torch.uint8).reshape(-1),
-        absmax,
-        code,
-        nested_absmax if nested else absmax,  # unread without double quantization
-        nested_code if nested else code,
-        offset if nested else code,
-        out.view(-1),
-        count,
-        BYTES=BYTES_PER_PROGRAM,
-        HALF_BLOCK=blocksize // 2,
-        NESTED_BLOCK=nested_blocksize,
-        NESTED=nested,
-        enable_fp_fusion=False,  # the product and the offset's sum rounded apart, as bitsandbytes rounds them
-    )
+    with torch.cuda.device(packed.device):  # Triton launches on the current GPU; device_map spreads the layers
+        dequantize_kernel()[grid](
+            packed.view(torch.uint8).reshape(-1),
+            absmax,
+            code,
+            nested_absmax if nested else absmax,  # unread without double quantization
+            nested_code if nested else code,
+            offset if nested else code,
+            out.view(-1),
+            count,
+            BYTES=BYTES_PER_PROGRAM,
+            HALF_BLOCK=blocksize // 2,
+            NESTED_BLOCK=nested_blocksize,
+            NESTED=nested,
+            enable_fp_fusion=False,  # the product and the offset's sum rounded apart, as bitsandbytes rounds them
+        )
 
 
 @functools.cache

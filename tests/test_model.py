@@ -215,7 +215,7 @@ def test_compiled_decoder_layers_train_like_eager_ones_and_generation_stays_eage
     # A compiled layer saves its weights for backward too (the 4-bit bytes: 2,048+ elements here);
     # offloading moves the activations (tokens in their shape) and leaves every weight in place.
     # (The 5,056-byte CPU generator state the compiler keeps per layer around CPU attention, an op
-    # that may draw random numbers, stays below the size offloaded here, as it is on GPUs.)
+    # that may draw random numbers, stays below the size offloaded here.)
     (batch,) = packed_batches([[60, 36]])
     _, kept = loss_and_gradients(compiled, batch)
     offload = ActivationOffload(compiled, min_elements=6000)
