@@ -68,8 +68,11 @@ from modules.recompute import (
     check_tiled_mlp,
     choose_recompute,
     heaviest_batch,
+    keep_attention_when_offloaded,
+    keeps_attention,
     recompute_ladder,
     resolve_recompute,
+    sample_lengths,
 )
 from modules.report import write_report
 from modules.signals import StopSignal
@@ -384,6 +387,14 @@ def load_and_fit_memory(setup: Setup, accelerator) -> tuple[torch.nn.Module, obj
         collate = PaddingCollator(setup.tokenizer.pad_token_id)
     # Read before any probe step; FSDP's is read once sharded (start()).
     loading_memory = None if plan.sharded else memory_after_loading(accelerator.device)
+    # Long samples: offloaded checkpointing keeps the attention's outputs (compiled layers, one GPU or DDP).
+    keep_attention_when_offloaded(
+        peft_model,
+        sample_lengths(setup.data.train),
+        config.train.micro_batch_size * config.data.max_seq_len,
+        plan.recompute.mode if plan.recompute else None,
+        accelerator.num_processes,
+    )
     recompute = plan.recompute or auto_recompute(config, accelerator, model, trainable, setup.data.train, collate, plan)
     if plan.sharded:
         configure_fsdp(accelerator, peft_model, plan.precision.compute_dtype)
@@ -391,6 +402,7 @@ def load_and_fit_memory(setup: Setup, accelerator) -> tuple[torch.nn.Module, obj
         trainable_params=trainable,
         linears_4bit=count_4bit_linears(peft_model),
         nf4_in_graph=count_in_graph(peft_model),
+        attention_kept=keeps_attention(peft_model),
         recompute=recompute,
         loading_memory=loading_memory,
         placement=placement(peft_model, torch.cuda.device_count()) if config.model.device_map else None,

@@ -14,6 +14,12 @@ USER_ERROR_EXIT = 2
 # is missing. modules.model keeps that layout off (same numbers on every CPU), so the line says
 # nothing a user can or need act on. This leaf module is imported before bitsandbytes by every entry point.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# Layers that keep their attention's outputs under checkpointing (modules.recompute) make torch warn, per
+# compile, that in-place ops in the region would be unsafe: none writes to a kept output there, and tests
+# compare those layers' gradients with eager ones.
+logging.getLogger("torch._higher_order_ops.wrap").addFilter(
+    lambda record: "context_fn is passed" not in record.getMessage()
+)
 # PEFT asks transformers 5.24 through a name it deprecated; printed on every run, for PEFT to change.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 

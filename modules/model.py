@@ -20,7 +20,13 @@ from modules.errors import UserError
 from modules.hardware import Precision
 from modules.nf4 import compiled_4bit_forwards
 from modules.packing import VARLEN, register_varlen_attention
-from modules.recompute import decoder_layers, resolve_recompute, set_checkpointing, tile_decoder_mlps
+from modules.recompute import (
+    checkpoint_in_graph,
+    decoder_layers,
+    resolve_recompute,
+    set_checkpointing,
+    tile_decoder_mlps,
+)
 from modules.tokens import choose_pad_token
 
 
@@ -46,13 +52,15 @@ def resolve_compile(config: RunConfig, device: torch.device) -> bool:
 ACTIVATION_MEMORY_BUDGET = 0.7
 
 
-def compile_decoder_layers(model: torch.nn.Module) -> int:
+def compile_decoder_layers(model: torch.nn.Module, checkpoint_inside: bool = False) -> int:
     """torch.compile each decoder layer in place (module names, and so the saved adapter, unchanged).
 
     The layers share one compiled graph (same code, parameters passed as inputs), so compiling
-    costs about one layer's time however deep the model. The attention kernel and the loss stay
-    outside. Generation runs eager (modules.generation), where a KV cache would recompile per step.
-    The budget is the compiler's global setting; the decoder layers are all this process compiles.
+    costs about one layer's time however deep the model. The loss stays outside. Generation runs
+    eager (modules.generation), where a KV cache would recompile per step. The budget is the
+    compiler's global setting; the decoder layers are all this process compiles. With
+    `checkpoint_inside` (not under FSDP, whose hooks wrap the layer), a checkpointed layer holds its
+    checkpoint in the graph, which may then keep the attention's outputs (modules.recompute).
     """
     torch._functorch.config.activation_memory_budget = ACTIVATION_MEMORY_BUDGET
     layers = decoder_layers(model)
@@ -61,8 +69,27 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
         message = f"train.compile: no decoder layers found in {name} (its _no_split_modules): it trains uncompiled"
         warnings.warn(message, stacklevel=2)
     for layer in layers:
+        if checkpoint_inside:
+            checkpoint_in_graph(layer)
         layer.compile()
+        if checkpoint_inside:
+            layer._compiled_call_impl = whole_budget_when_keeping_attention(layer, layer._compiled_call_impl)
     return len(layers)
+
+
+def whole_budget_when_keeping_attention(layer: torch.nn.Module, compiled_call):
+    """A layer that keeps its attention's outputs compiles under a budget of 1. Its checkpoint
+    recomputes everything else anyway, and a budget below 1 there fails in the compiler (torch
+    2.13, on the CPU: the kept attention's tuple of outputs reaches the graph's outputs as a tuple).
+    The budget is read when a graph compiles; a compiled graph keeps what it was compiled with."""
+
+    def call(*args, **kwargs):
+        if not layer.keeps_attention:
+            return compiled_call(*args, **kwargs)
+        with torch._functorch.config.patch(activation_memory_budget=1.0):
+            return compiled_call(*args, **kwargs)
+
+    return call
 
 
 def load_tokenizer(source: str):
@@ -198,7 +225,7 @@ def load_model(
             traceable_4bit_forwards(peft_model)  # FSDP's plain weight views, which bitsandbytes' forward rewraps
         else:
             compiled_4bit_forwards(peft_model)  # NF4 dequantized inside the compiled graph, in one kernel
-        compile_decoder_layers(peft_model)
+        compile_decoder_layers(peft_model, checkpoint_inside=not sharded)
         use_seeded_dropout(peft_model)  # masks the compiled layers recompute rather than keep
     return peft_model
 

@@ -29,6 +29,7 @@ class Loaded:
     trainable_params: int
     linears_4bit: int
     nf4_in_graph: int  # of those, dequantized inside the compiled layers' graph (modules.nf4)
+    attention_kept: bool  # offloaded checkpointing keeps the attention's outputs too (modules.recompute)
     recompute: RecomputeChoice
     loading_memory: str | None  # the GPU's holding and peak after loading (None on the CPU)
     placement: str | None  # device_map auto: where the decoder layers went
@@ -149,6 +150,8 @@ def recompute_line(plan: Plan) -> str:
     words = RECOMPUTE_WORDS[choice.mode]
     if choice.mode == "offload" and plan.device.type != "cuda":
         words = "on (offload asked, but on the CPU there is nothing to offload)"
+    elif choice.mode == "offload" and plan.loaded is not None and plan.loaded.attention_kept:
+        words += ", attention outputs with them (backward runs no attention forward)"
     return f"{words} ({choice.why})" if choice.why else words
 
 

@@ -10,12 +10,15 @@ leanest rung any of them needed, *apply* puts a model on a mode or rung.
 """
 
 import contextlib
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
+import psutil
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from modules.config import RunConfig
 from modules.errors import UserError
@@ -38,13 +41,13 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     """
 
     def __init__(self, model: torch.nn.Module, min_elements: int = 2**14):
-        weights = {tensor.untyped_storage().data_ptr() for tensor in [*model.parameters(), *model.buffers()]}
+        weights = {tensor.untyped_storage().data_ptr() for tensor in held_tensors(model)}
         self.offloaded: list[tuple[int, ...]] = []  # shapes moved out in the latest forward (read by tests)
 
         def pack(tensor: torch.Tensor):
             if tensor.numel() < min_elements or tensor.untyped_storage().data_ptr() in weights:
                 return tensor
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+            host = host_like(tensor)
             host.copy_(tensor, non_blocking=tensor.is_cuda)
             self.offloaded.append(tuple(tensor.shape))
             return tensor.device, host
@@ -60,6 +63,27 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     def __enter__(self):
         self.offloaded.clear()  # one forward's worth, not the whole run's
         return super().__enter__()
+
+
+def host_like(tensor: torch.Tensor) -> torch.Tensor:
+    """An empty CPU tensor (pinned, for a GPU's) laid out as `tensor` is where that layout is dense, as a
+    kernel's permuted output is (a compiled backward asserts the strides it saved); contiguous otherwise."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    if tensor.numel() and span == tensor.numel():
+        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+
+
+def held_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """What the model holds for good: parameters, buffers, and the 4-bit weights' quantization states
+    (absmaxes, codes: plain attributes, which a compiled layer saves for backward's dequantization)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for parameter in model.parameters():
+        state = getattr(parameter, "quant_state", None)
+        while state is not None:  # double quantization nests a second state
+            tensors += [value for value in vars(state).values() if isinstance(value, torch.Tensor)]
+            state = getattr(state, "state2", None)
+    return tensors
 
 
 def activation_offload(recompute: Recompute, model: torch.nn.Module, device: torch.device):
@@ -122,8 +146,117 @@ def resolve_recompute(config: RunConfig, device: torch.device, sharded: bool) ->
 
 
 def apply_recompute(model: torch.nn.Module, mode: Recompute) -> None:
-    """Gradient checkpointing on or off on the PEFT model's base."""
+    """Gradient checkpointing on or off on the PEFT model's base; layers checkpointed in their compiled
+    graph that may keep their attention's outputs keep them under offload only (their memory is the host's)."""
     set_checkpointing(model.get_base_model(), bool(mode))
+    for layer in decoder_layers(model):
+        if getattr(layer, "checkpoints_in_graph", False):
+            layer.keeps_attention = keeps_attention_on(layer, mode)
+
+
+def keeps_attention_on(layer: torch.nn.Module, mode: Recompute | None) -> bool:
+    """Whether a checkpoint_in_graph layer keeps its attention's outputs under `mode`: under offload, where
+    the data's samples are long (may_keep_attention), and not with tiled MLPs, whose eager tiles inside the
+    layer break its graph (the attention then ran more often, not less: 3 forwards a layer, on the CPU)."""
+    tiled = getattr(getattr(layer, "mlp", None), "tile_tokens", None) is not None
+    return mode == "offload" and layer.may_keep_attention and not tiled
+
+
+def keeps_attention(model: torch.nn.Module) -> bool:
+    """Whether the model's decoder layers keep their attention's outputs for backward as they stand."""
+    return any(getattr(layer, "keeps_attention", False) for layer in decoder_layers(model))
+
+
+# The attention kernels whose outputs (the output and its log-sum-exp) a layer checkpointed in its
+# compiled graph may keep for backward, which then recomputes the projections before them but not
+# the kernel: at long rows the kernel's forward is most of the recompute (Llama-3-8B, 65,536 tokens,
+# one H200: attention 63% of the step, its forward run twice; benchmarks/README.md, 2026-12-01).
+ATTENTION_KERNELS = frozenset(
+    {
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_cudnn_attention",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_flash_attention_forward",
+        "aten::_efficient_attention_forward",
+        "aten::_cudnn_attention_forward",
+        "torch_attn::_varlen_attn",  # torch.nn.attention.varlen (the varlen backend, modules.packing)
+    }
+)
+
+
+def keep_attention(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing's policy: keep the attention kernels' outputs, recompute the rest."""
+    name = func.name() if hasattr(func, "name") else str(func)
+    if name.split(".")[0] in ATTENTION_KERNELS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_in_graph(layer: torch.nn.Module) -> None:
+    """Let a compiled decoder layer keep its attention's outputs under checkpointing.
+
+    Selective checkpointing works inside the compiled graph, where the partitioner reads its marks.
+    transformers 5.17 checkpoints a layer around its __call__ (so around a compiled layer's graph,
+    which then runs again whole in backward); later versions inside forward. While `keeps_attention`
+    (set by apply_recompute) is on, transformers' checkpoint function runs the layer as is and the
+    layer's forward checkpoints itself with the policy, under the same switch (gradient_checkpointing,
+    training, grad enabled); otherwise transformers checkpoints the layer as it always does.
+    """
+    forward = layer.forward
+    kept = functools.partial(create_selective_checkpoint_contexts, keep_attention)
+
+    def checkpointed_forward(*args, **kwargs):
+        if layer.keeps_attention and layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=kept, **kwargs)
+        return forward(*args, **kwargs)
+
+    layer.forward = checkpointed_forward
+    layer.checkpoints_in_graph = True
+    layer.may_keep_attention = False  # keep_attention_when_offloaded decides, from the data
+    layer.keeps_attention = False
+    layer._gradient_checkpointing_func = functools.partial(checkpoint_unless_kept, layer)
+
+
+def checkpoint_unless_kept(layer: torch.nn.Module, function, *args):
+    """transformers' checkpoint function on a checkpoint_in_graph layer: the non-reentrant checkpoint
+    set_checkpointing asks for, unless the layer checkpoints itself to keep its attention's outputs."""
+    if layer.keeps_attention:
+        return function(*args)
+    return checkpoint(function, *args, use_reentrant=False)
+
+
+# Kept attention outputs go to CPU memory with the layer inputs and back (as many bytes again a token),
+# in exchange for the attention forward, whose cost a token grows with its sample's length. On one
+# H200 at 65,536-token samples (Llama-3-8B, 2026-12-01) the forward took 57 ms a layer and a layer
+# input's copies 7.6 ms out and 8.9 ms back: even at about 19,000 tokens, linearly, so kept from
+# samples of KEEP_ATTENTION_FROM tokens on average (a token's sample, weighted by tokens; shorter rows
+# run the kernel less efficiently, hence the margin), where the host has room for both
+# (HOST_MEMORY_SHARE of what is free).
+KEEP_ATTENTION_FROM = 24576
+HOST_MEMORY_SHARE = 0.75
+
+
+def keep_attention_when_offloaded(
+    model: torch.nn.Module, lengths: list[int], tokens: int, mode: Recompute | None, processes: int = 1
+) -> bool:
+    """Whether layers checkpointed in their graph keep their attention's outputs under offload, for
+    samples of `lengths`, micro-batches of at most `tokens` tokens and `processes` processes sharing
+    the host's memory (at most); set on the layers, which keep them now if `mode` (None: auto, still
+    to probe; apply_recompute sets it per rung) is offload."""
+    layers = [layer for layer in decoder_layers(model) if getattr(layer, "checkpoints_in_graph", False)]
+    if not layers:
+        return False
+    config = model.get_base_model().config
+    heads = config.num_attention_heads
+    width = config.hidden_size + heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    host_bytes = processes * len(layers) * tokens * width * 2  # bf16 layer inputs and attention outputs
+    sample_tokens = sum(n * n for n in lengths) / max(sum(lengths), 1)
+    keep = sample_tokens >= KEEP_ATTENTION_FROM and host_bytes <= HOST_MEMORY_SHARE * psutil.virtual_memory().available
+    for layer in layers:
+        layer.may_keep_attention = keep
+        layer.keeps_attention = keeps_attention_on(layer, mode)
+    return keep
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -139,6 +272,9 @@ def set_checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif is_checkpointing(model):
         model.gradient_checkpointing_disable()
+    for module in model.modules():  # enabling gave every layer transformers' checkpoint function again
+        if getattr(module, "checkpoints_in_graph", False):
+            module._gradient_checkpointing_func = functools.partial(checkpoint_unless_kept, module)
 
 
 def is_checkpointing(model) -> bool:
@@ -146,6 +282,11 @@ def is_checkpointing(model) -> bool:
     if hasattr(type(model), "is_activation_checkpointing"):
         return model.is_activation_checkpointing
     return model.is_gradient_checkpointing
+
+
+def sample_lengths(dataset) -> list[int]:
+    """The token count of every sample of a training set, packed into bins or not."""
+    return dataset.lengths if isinstance(dataset, PackedDataset) else list(dataset["length"])
 
 
 def heaviest_batch(dataset, collate, rows: int) -> dict[str, torch.Tensor]:

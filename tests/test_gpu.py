@@ -133,6 +133,13 @@ def test_each_rung_of_the_recompute_ladder_needs_less_memory_on_long_rows(tiny_m
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_offloaded_checkpointing_keeps_the_attention_of_long_samples_on_the_gpu(tiny_model_dir):
+    from test_model import attention_kept_under_offload
+
+    ids = torch.randint(3, 300, (2, 512))  # whole rows: SDPA's dense causal kernel
+    attention_kept_under_offload(tiny_model_dir, torch.device("cuda"), {"input_ids": ids, "labels": ids}, 0.1)
+
+
 def test_compiled_layers_recompute_seeded_dropout_masks_exactly_on_the_gpu(tiny_model_dir):
     from test_model import compiled_against_eager_with_seeded_dropout
 

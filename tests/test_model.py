@@ -311,6 +311,87 @@ def test_compiled_layers_under_the_budget_keep_less_for_backward(tmp_path, monke
     assert kept[modules.model.ACTIVATION_MEMORY_BUDGET] < 0.75 * kept[1.0]
 
 
+# The attention kernels' own ops (inside SDPA's dispatch, or the varlen backend's op), as torch.profiler names
+# them; one kernel may show under two nested names, so a step's count is the most of any one name.
+ATTENTION_FORWARDS = (
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_flash_attention_forward",
+    "aten::_cudnn_attention_forward",
+    "aten::_efficient_attention_forward",
+    "torch_attn::_varlen_attn",
+)
+
+
+def attention_kernel_calls(model, batch: dict, context=None) -> tuple[int, int, dict]:
+    """Attention forwards and backwards run over one training step, and the step's gradients."""
+    from torch.profiler import profile
+
+    with profile() as recorded:
+        _, gradients = loss_and_gradients(model, batch, context)
+    names = [event.name for event in recorded.events()]
+    forwards = max(names.count(name) for name in ATTENTION_FORWARDS)
+    backward_names = [name.replace("_forward", "") + "_backward" for name in ATTENTION_FORWARDS]
+    return forwards, max(names.count(name) for name in backward_names), gradients
+
+
+def attention_kept_under_offload(model_dir, device, batch: dict, tolerance: float):
+    """Compiled layers under checkpointing run the attention forward once a step when offload keeps its
+    outputs, twice otherwise, with the gradients of eager layers (within `tolerance`). Returns the
+    compiled model and the eager gradients."""
+    from modules.recompute import ActivationOffload, apply_recompute, keep_attention_when_offloaded
+
+    eager, _ = lora_model(model_dir, grad_checkpointing=True, device=device)
+    _, gradients = loss_and_gradients(eager, batch)
+    compiled, _ = lora_model(model_dir, compiled=True, grad_checkpointing=True, device=device)
+    layers = compiled.get_base_model().config.num_hidden_layers
+    tokens = batch["input_ids"].numel()
+    # Samples this short keep nothing more: the attention forward runs again in backward, per layer.
+    assert not keep_attention_when_offloaded(compiled, [100] * 8, tokens, "offload")
+    loss_and_gradients(compiled, batch)  # compiles
+    assert attention_kernel_calls(compiled, batch)[:2] == (2 * layers, layers)
+    # Long ones keep it where the host has room for their layer inputs and attention outputs (not for
+    # a trillion tokens), and once the mode is offload. What the data holds decides; this batch is the same.
+    assert not keep_attention_when_offloaded(compiled, [30000, 10], 10**12, "offload")
+    assert keep_attention_when_offloaded(compiled, [30000, 10], tokens, None)
+    assert attention_kernel_calls(compiled, batch)[:2] == (2 * layers, layers)  # auto, not yet probed: nothing kept
+    for mode, forwards in (("offload", layers), (True, 2 * layers), ("offload", layers)):
+        apply_recompute(compiled, mode)
+        # What offload moves to CPU memory and back: here anything of a layer input's size and up,
+        # so the kept attention outputs too (laid out as the kernel wrote them, not contiguous).
+        offload = ActivationOffload(compiled, min_elements=batch["input_ids"].numel() * 16)
+        context = offload if mode == "offload" else None
+        loss_and_gradients(compiled, batch, context)  # compiles once per mode
+        calls = attention_kernel_calls(compiled, batch, context)
+        if mode == "offload":
+            assert any(shape[-1] == 16 for shape in offload.offloaded)  # attention heads of 16 went too
+        assert calls[:2] == (forwards, layers), mode
+        assert calls[2].keys() == gradients.keys()
+        for name, gradient in gradients.items():  # each gradient's difference relative to its norm
+            assert (calls[2][name] - gradient).norm() < tolerance * gradient.norm(), (mode, name)
+    return compiled, gradients
+
+
+@pytest.mark.slow
+def test_offloaded_checkpointing_keeps_the_attention_of_long_samples_and_backward_runs_no_attention_forward(
+    tiny_model_dir,
+):
+    from modules.recompute import apply_rung, keeps_attention
+
+    (batch,) = packed_batches([[60, 36]])
+    compiled, gradients = attention_kept_under_offload(tiny_model_dir, CPU, batch, tolerance=1e-4)
+    # Tiled MLPs (auto's last rung) break the layer's graph: nothing kept, and the attention runs twice as before.
+    apply_rung(compiled, ("offload", 32))
+    assert not keeps_attention(compiled)
+    loss_and_gradients(compiled, batch)
+    forwards, backwards, tiled = attention_kernel_calls(compiled, batch)
+    assert (forwards, backwards) == (4, 2)
+    for name, gradient in gradients.items():
+        assert (tiled[name] - gradient).norm() < 1e-4 * gradient.norm(), name
+
+
 def test_seeded_dropout_keeps_one_minus_p_and_draws_new_masks_from_torch_seed():
     from modules.dropout import SeededDropout, keep_mask, reseed
 
