@@ -137,7 +137,9 @@ class TrainConfig(Section):
     grad_checkpointing: Literal["auto", "offload"] | bool = Field(
         "auto",
         description="Recompute activations in backward (non-reentrant). offload: also keep what the recompute starts "
-        "from (each layer's input) in pinned CPU memory, for long sequences (on a GPU; slower per token). auto, on "
+        "from (each layer's input) in pinned CPU memory, for long sequences (on a GPU; slower per token); with "
+        "compiled layers and samples averaging 24,576 tokens or more, each layer's attention output too, so "
+        "backward runs no attention forward. auto, on "
         "one GPU per process: one probe step on the heaviest micro-batch for off, then true, then offload, then "
         "offload with MLPs in tiles of 8192 tokens, keeping the first within 90% of the GPU's memory; true on the "
         "CPU, under FSDP and under device_map.",
