@@ -311,29 +311,19 @@ def test_compiled_layers_under_the_budget_keep_less_for_backward(tmp_path, monke
     assert kept[modules.model.ACTIVATION_MEMORY_BUDGET] < 0.75 * kept[1.0]
 
 
-# The attention kernels' own ops (inside SDPA's dispatch, or the varlen backend's op), as torch.profiler names
-# them; one kernel may show under two nested names, so a step's count is the most of any one name.
-ATTENTION_FORWARDS = (
-    "aten::_scaled_dot_product_flash_attention_for_cpu",
-    "aten::_scaled_dot_product_flash_attention",
-    "aten::_scaled_dot_product_cudnn_attention",
-    "aten::_scaled_dot_product_efficient_attention",
-    "aten::_flash_attention_forward",
-    "aten::_cudnn_attention_forward",
-    "aten::_efficient_attention_forward",
-    "torch_attn::_varlen_attn",
-)
-
-
 def attention_kernel_calls(model, batch: dict, context=None) -> tuple[int, int, dict]:
     """Attention forwards and backwards run over one training step, and the step's gradients."""
     from torch.profiler import profile
 
     with profile() as recorded:
         _, gradients = loss_and_gradients(model, batch, context)
+    from modules.recompute import ATTENTION_KERNELS
+
+    # torch.profiler names ops as the policy does; one kernel may show under two nested names (SDPA's
+    # op and the kernel's own), so a step's count is the most of any one name.
     names = [event.name for event in recorded.events()]
-    forwards = max(names.count(name) for name in ATTENTION_FORWARDS)
-    backward_names = [name.replace("_forward", "") + "_backward" for name in ATTENTION_FORWARDS]
+    forwards = max(names.count(name) for name in ATTENTION_KERNELS)
+    backward_names = [name.replace("_forward", "") + "_backward" for name in ATTENTION_KERNELS]
     return forwards, max(names.count(name) for name in backward_names), gradients
 
 
