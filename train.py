@@ -67,9 +67,11 @@ from modules.recompute import (
     agree_recompute,
     check_tiled_mlp,
     choose_recompute,
+    graph_tiles,
     heaviest_batch,
     keep_attention_when_offloaded,
     keeps_attention,
+    plan_graph_tiles,
     recompute_ladder,
     resolve_recompute,
     sample_lengths,
@@ -388,13 +390,11 @@ def load_and_fit_memory(setup: Setup, accelerator) -> tuple[torch.nn.Module, obj
     # Read before any probe step; FSDP's is read once sharded (start()).
     loading_memory = None if plan.sharded else memory_after_loading(accelerator.device)
     # Long samples: offloaded checkpointing keeps the attention's outputs (compiled layers, one GPU or DDP).
-    keep_attention_when_offloaded(
-        peft_model,
-        sample_lengths(setup.data.train),
-        config.train.micro_batch_size * config.data.max_seq_len,
-        plan.recompute.mode if plan.recompute else None,
-        accelerator.num_processes,
-    )
+    # Long micro-batches: compiled layers checkpointed in their graph run their MLPs in tiles there.
+    tokens = config.train.micro_batch_size * config.data.max_seq_len
+    mode = plan.recompute.mode if plan.recompute else None
+    keep_attention_when_offloaded(peft_model, sample_lengths(setup.data.train), tokens, mode, accelerator.num_processes)
+    plan_graph_tiles(peft_model, tokens, mode)
     recompute = plan.recompute or auto_recompute(config, accelerator, model, trainable, setup.data.train, collate, plan)
     if plan.sharded:
         configure_fsdp(accelerator, peft_model, plan.precision.compute_dtype)
@@ -403,6 +403,7 @@ def load_and_fit_memory(setup: Setup, accelerator) -> tuple[torch.nn.Module, obj
         linears_4bit=count_4bit_linears(peft_model),
         nf4_in_graph=count_in_graph(peft_model),
         attention_kept=keeps_attention(peft_model),
+        graph_tiles=graph_tiles(peft_model),
         recompute=recompute,
         loading_memory=loading_memory,
         placement=placement(peft_model, torch.cuda.device_count()) if config.model.device_map else None,

@@ -215,6 +215,7 @@ def run_ours(spec: dict, args, data: Path) -> dict:
             script, folder = REPO / "benchmarks" / "profile_train.py", profile_folder(args, spec)
             command = [*launcher(spec), str(script), "--config", str(config_path), "--out", str(folder)]
             command += ["--skip", str(max(args.warmup, 1)), "--active", str(min(args.steps, 2))]
+            command += ["--memory"] if args.memory else []
         # Every recompile of the compiled layers is logged, and counted below.
         env = os.environ | {"TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles")}
         done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -523,8 +524,13 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="run ours and Unsloth under torch.profiler; tables and traces go here"
     )
+    parser.add_argument(
+        "--memory", action="store_true", help="with --profile, ours also records its GPU allocations (memory.txt)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one spec in this process
     args = parser.parse_args()
+    if args.memory and not args.profile:
+        parser.error("--memory records into --profile's folder: name one")
     args.model_dir = args.model_dir / f"{args.shape}{'-nf4' if args.prequantized else ''}"
     data = args.model_dir.parent / f"rows-{args.shape}-{args.seq_len}-{args.lengths}.jsonl"
 

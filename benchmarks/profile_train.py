@@ -10,9 +10,11 @@ the wall time against the GPU's kernel time, split by kernel family (matmuls, NF
 attention, compiled Triton kernels, other elementwise kernels, NCCL collectives; collectives run on
 their own stream, so they overlap compute or not). Kernels far below the wall time with few
 collectives means the GPU waits on the host; with many, on the other GPUs. bench.py --profile uses
-the same summary for Unsloth's loop. Under a multi-process launch every process records its own
-steps into --out/rank-N; the main process prints its table. The Chrome trace goes to trace.json.gz
-there (open it in chrome://tracing or Perfetto).
+the same summary for Unsloth's loop. With --memory, the GPU's allocations are recorded too, and
+memory.txt says what was live at the highest point of allocated memory, by where it was allocated.
+Under a multi-process launch every process records its own steps into --out/rank-N; the main
+process prints its table. The Chrome trace goes to trace.json.gz there (open it in chrome://tracing
+or Perfetto).
 """
 
 import argparse
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=3, help="optimizer steps before recording (at least 1)")
     parser.add_argument("--active", type=int, default=2, help="optimizer steps recorded")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--memory", action="store_true", help="record GPU allocations; write memory.txt")
     args = parser.parse_args()
     if args.skip < 1:
         parser.error("--skip must be at least 1: the step before the recorded ones is the profiler's warmup")
@@ -60,11 +63,18 @@ def main() -> None:
         profiler.step()
 
     register_optimizer_step_post_hook(step_done)
+    if args.memory and torch.cuda.is_available():
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
     with profiler:
         code = train.main(["--config", args.config])
     if code:
         raise SystemExit(code)
     report(profiler, out, steps[args.skip - 1 : args.skip + args.active], args.active, rank)
+    if args.memory and torch.cuda.is_available():
+        lines = memory_at_peak(torch.cuda.memory._snapshot())
+        (out / "memory.txt").write_text("\n".join(lines) + "\n")
+        if rank == 0:
+            print("\n".join(lines[:40]), flush=True)
 
 
 # Kernel families by name, first match wins: where a step's GPU time goes, at a glance.
@@ -111,6 +121,66 @@ def report(profiler, out: Path, recorded: list[float], active: int, rank: int) -
     with open(trace, "rb") as source, gzip.open(f"{trace}.gz", "wb") as target:
         shutil.copyfileobj(source, target)
     trace.unlink()
+
+
+def memory_at_peak(snapshot: dict, rows: int = 40) -> list[str]:
+    """What was live at the highest allocated point of the recorded history, grouped by where it was
+    allocated (the innermost Python frame, and the innermost in this repository). The history is a
+    ring: the walk starts from the final state (the snapshot's blocks) and runs the events backwards
+    to the first one kept, then forwards to the peak."""
+    live = {
+        block["address"]: (block["size"], block.get("frames", []))
+        for segment in snapshot["segments"]
+        for block in segment["blocks"]
+        if block["state"].startswith("active")
+    }
+    events = [e for e in snapshot["device_traces"][0] if e["action"] in ("alloc", "free_completed")]
+    for event in reversed(events):  # back to the state before the first kept event
+        if event["action"] == "alloc":
+            live.pop(event["addr"], None)
+        else:
+            live[event["addr"]] = (event["size"], event.get("frames", []))
+    total, peak, peak_at = sum(size for size, _ in live.values()), 0, -1
+    start = dict(live)
+    for index, event in enumerate(events):
+        total += event["size"] if event["action"] == "alloc" else -event["size"]
+        if total > peak:
+            peak, peak_at = total, index
+    live = start
+    for event in events[: peak_at + 1]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], event.get("frames", []))
+        else:
+            live.pop(event["addr"], None)
+    by_place: Counter = Counter()
+    counts: Counter = Counter()
+    for size, frames in live.values():
+        place = where(frames)
+        by_place[place] += size
+        counts[place] += 1
+    gib = 2**30
+    lines = [
+        f"peak of the recorded history ({len(events)} events): {peak / gib:.2f} GiB allocated, "
+        f"at event {peak_at}; torch's max allocated: {torch.cuda.max_memory_allocated() / gib:.2f} GiB",
+        "GiB     blocks  allocated at",
+    ]
+    for place, size in by_place.most_common(rows):
+        lines.append(f"{size / gib:7.3f} {counts[place]:6d}  {place}")
+    return lines
+
+
+def where(frames: list[dict]) -> str:
+    """The innermost Python frame, and the innermost frame in this repository where that is another."""
+
+    def short(frame: dict) -> str:
+        path = Path(frame["filename"])
+        return f"{'/'.join(path.parts[-2:])}:{frame['line']} {frame['name']}"
+
+    python = [f for f in frames if f["filename"].endswith(".py")]
+    if not python:
+        return "(no Python frame: allocated before recording or by C++ alone)"
+    ours = next((f for f in python if f["filename"].startswith(str(REPO))), None)
+    return short(python[0]) + (f" <- {short(ours)}" if ours is not None and ours is not python[0] else "")
 
 
 if __name__ == "__main__":

@@ -34,9 +34,10 @@ def mix32(value: torch.Tensor) -> torch.Tensor:
     return value ^ (value >> 15)
 
 
-def keep_mask(seed: torch.Tensor, shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """True where an element is kept: a hash of (element index, seed) at or above p of its range."""
-    index = torch.arange(shape.numel(), device=device, dtype=torch.int64).view(shape)
+def keep_mask(seed: torch.Tensor, shape: torch.Size, p: float, device: torch.device, first: int = 0) -> torch.Tensor:
+    """True where an element is kept: a hash of (element index, counted from `first`, and seed) at or
+    above p of its range."""
+    index = torch.arange(first, first + shape.numel(), device=device, dtype=torch.int64).view(shape)
     return mix32(index ^ mix32(seed)) >= round(p * 2**32)
 
 
@@ -48,10 +49,12 @@ class SeededDropout(torch.nn.Dropout):
         self.register_buffer("base_seed", torch.tensor(base_seed, dtype=torch.int64), persistent=False)
         self.register_buffer("seed", torch.tensor(base_seed, dtype=torch.int64), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """`first_row`: where x's rows (tokens) begin in the whole input, for a tile of it (modules.tiling):
+        the tiles' masks are then the whole input's."""
         if not self.training or self.p == 0:
             return x
-        keep = keep_mask(self.seed, x.shape, self.p, x.device)
+        keep = keep_mask(self.seed, x.shape, self.p, x.device, first=first_row * x.shape[-1])
         return torch.where(keep, x * (1 / (1 - self.p)), 0)
 
 

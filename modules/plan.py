@@ -30,6 +30,7 @@ class Loaded:
     linears_4bit: int
     nf4_in_graph: int  # of those, dequantized inside the compiled layers' graph (modules.nf4)
     attention_kept: bool  # offloaded checkpointing keeps the attention's outputs too (modules.recompute)
+    graph_tiles: int  # tiles the MLPs of layers checkpointed in their compiled graph run in (1: whole)
     recompute: RecomputeChoice
     loading_memory: str | None  # the GPU's holding and peak after loading (None on the CPU)
     placement: str | None  # device_map auto: where the decoder layers went
@@ -152,6 +153,8 @@ def recompute_line(plan: Plan) -> str:
         words = "on (offload asked, but on the CPU there is nothing to offload)"
     elif choice.mode == "offload" and plan.loaded is not None and plan.loaded.attention_kept:
         words += ", attention outputs with them (backward runs no attention forward)"
+    if choice.mode and plan.loaded is not None and plan.loaded.graph_tiles > 1:
+        words += f", MLPs in {plan.loaded.graph_tiles} tiles of the micro-batch's tokens inside the compiled graph"
     return f"{words} ({choice.why})" if choice.why else words
 
 

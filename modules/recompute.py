@@ -13,6 +13,7 @@ import contextlib
 import functools
 import inspect
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,7 +26,7 @@ from modules.errors import UserError
 from modules.hardware import Precision
 from modules.loss import compute_loss, language_model
 from modules.packing import PackedDataset
-from modules.tiling import is_dense_mlp, tile_mlps
+from modules.tiling import can_tile_in_graph, is_dense_mlp, tile_in_graph, tile_mlps
 from modules.tokens import count_label_tokens
 
 Recompute = Literal["offload"] | bool  # train.grad_checkpointing once resolved
@@ -37,32 +38,117 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     Under gradient checkpointing, what autograd saves outside the recomputed regions is each decoder
     layer's input (layers x tokens x hidden: what dominates at long sequences). Unlike
     torch.autograd.graph.save_on_cpu, the model's own weights (a compiled layer saves them too) and
-    small tensors stay where they are. Copies are ordered on the compute stream, so no sync is needed.
+    small tensors stay where they are, and on a GPU the copies run on a stream of their own, so they
+    overlap the layers' compute: forward copies each tensor out once the kernels that made it are done;
+    backward, while one layer's tensors are in use, copies back those saved before them (a layer's
+    worth: what backward asks for next), so a layer seldom waits for its inputs.
     """
 
     def __init__(self, model: torch.nn.Module, min_elements: int = 2**14):
         weights = {tensor.untyped_storage().data_ptr() for tensor in held_tensors(model)}
+        self.layers = max(count_decoder_layers(model), 1)
         self.offloaded: list[tuple[int, ...]] = []  # shapes moved out in the latest forward (read by tests)
+        self.saved: list[weakref.ref[Offloaded]] = []  # the latest forward's, in the order it saved them
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
 
         def pack(tensor: torch.Tensor):
             if tensor.numel() < min_elements or tensor.untyped_storage().data_ptr() in weights:
                 return tensor
-            host = host_like(tensor)
-            host.copy_(tensor, non_blocking=tensor.is_cuda)
+            saved = Offloaded(len(self.saved), tensor.device, host_like(tensor))
+            if tensor.is_cuda:
+                stream = self.copy_stream(tensor.device)
+                stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the kernels that made it first
+                with torch.cuda.stream(stream):
+                    saved.host.copy_(tensor, non_blocking=True)
+                    saved.ready = stream.record_event()
+                tensor.record_stream(stream)  # its memory is not reused before the copy has read it
+            else:
+                saved.host.copy_(tensor)
+            self.saved.append(weakref.ref(saved))
+            self.saved_bytes += saved.host.nbytes
             self.offloaded.append(tuple(tensor.shape))
-            return tensor.device, host
+            return saved
 
-        def unpack(packed):
-            if isinstance(packed, torch.Tensor):
-                return packed
-            device, host = packed
-            return host.to(device, non_blocking=host.is_pinned())
+        def unpack(saved):
+            if isinstance(saved, torch.Tensor):
+                return saved
+            tensor = saved.on_device() if saved.fetched is None else saved.take()
+            saved.used = True
+            self.prefetch(below=saved.index)
+            return tensor
 
         super().__init__(pack, unpack)
 
     def __enter__(self):
         self.offloaded.clear()  # one forward's worth, not the whole run's
+        self.saved.clear()
+        self.saved_bytes = 0
+        self.next_fetch: int | None = None  # the next index to copy back ahead of use, counting down
+        self.fetched_ahead, self.most_ahead = 0, 0  # tensors copied back ahead, most bytes waiting (for tests)
         return super().__enter__()
+
+    def copy_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        if device.type != "cuda":
+            return None  # a CPU tensor's copy back is the tensor
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        return self.streams[device]
+
+    def prefetch(self, below: int) -> None:
+        """Start copying back the tensors saved before index `below`, newest first, while less than a
+        layer's worth (the forward's bytes over the decoder layers) is on its way or waiting."""
+        alive = [saved() for saved in self.saved]
+        if self.next_fetch is None or below <= self.next_fetch:
+            self.next_fetch = below - 1  # backward asked for one not yet fetched: go on below it
+        waiting = sum(s.host.nbytes for s in alive if s is not None and s.fetched is not None)
+        layer = self.saved_bytes / self.layers
+        while self.next_fetch >= 0:
+            saved = alive[self.next_fetch]
+            if saved is not None and saved.fetched is None and not saved.used:
+                if waiting and waiting + saved.host.nbytes > layer:
+                    return
+                saved.fetch(self.copy_stream(saved.device))
+                waiting += saved.host.nbytes
+                self.fetched_ahead += 1
+                self.most_ahead = max(self.most_ahead, waiting)
+            self.next_fetch -= 1
+
+
+@dataclass
+class Offloaded:
+    """One tensor saved for backward, in CPU memory; on a GPU, the events that order its copies."""
+
+    index: int  # in the forward's order of saving
+    device: torch.device
+    host: torch.Tensor
+    ready: torch.cuda.Event | None = None  # the copy out is done
+    fetched: tuple[torch.Tensor, torch.cuda.Event | None] | None = None  # copied back ahead of use, when done
+    used: bool = False  # backward has asked for it
+
+    def on_device(self) -> torch.Tensor:
+        """Copied back now, on the compute stream."""
+        if self.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+        return self.host.to(self.device, non_blocking=self.host.is_pinned())
+
+    def fetch(self, stream: torch.cuda.Stream | None) -> None:
+        """Copy back on `stream`. The memory is the compute stream's: that stream's queued work is done
+        with it before the copy writes, and its use waits for the copy (take)."""
+        if stream is None:
+            self.fetched = self.host, None
+            return
+        tensor = torch.empty_strided(self.host.shape, self.host.stride(), dtype=self.host.dtype, device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            tensor.copy_(self.host, non_blocking=True)
+            self.fetched = tensor, stream.record_event()
+
+    def take(self) -> torch.Tensor:
+        tensor, done = self.fetched
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+        self.fetched = None  # held by autograd from here; asked again, it is copied again
+        return tensor
 
 
 def host_like(tensor: torch.Tensor) -> torch.Tensor:
@@ -152,14 +238,50 @@ def apply_recompute(model: torch.nn.Module, mode: Recompute) -> None:
     for layer in decoder_layers(model):
         if getattr(layer, "checkpoints_in_graph", False):
             layer.keeps_attention = keeps_attention_on(layer, mode)
+            set_graph_tiles(layer, mode)
+
+
+# A compiled layer checkpointed in its graph runs its MLP in tiles of about this many tokens, with
+# the eager tiles' size (AUTO_TILE_TOKENS): below it an MLP's intermediates are not what its step's
+# peak is made of (on an 8B model, one is 8,192 x 14,336 x 2 bytes: 224 MiB).
+GRAPH_TILE_TOKENS = AUTO_TILE_TOKENS
+
+
+def plan_graph_tiles(model: torch.nn.Module, tokens: int, mode: Recompute | None) -> int:
+    """For micro-batches of up to `tokens` tokens, how many tiles (modules.tiling) the MLPs of layers
+    checkpointed in their compiled graph run in while checkpointed: ceil(tokens / GRAPH_TILE_TOKENS), or 1
+    for an MLP tiles_in_graph does not know. Set on the layers (and applied now where `mode` is known)."""
+    tiles = -(-tokens // GRAPH_TILE_TOKENS)
+    planned = 1
+    for layer in decoder_layers(model):
+        if getattr(layer, "checkpoints_in_graph", False) and in_graph(layer):
+            layer.graph_tiles = tiles if tiles > 1 and can_tile_in_graph(layer.mlp) else 1
+            planned = max(planned, layer.graph_tiles)
+            if mode is not None:
+                set_graph_tiles(layer, mode)
+    return planned
+
+
+def set_graph_tiles(layer: torch.nn.Module, mode: Recompute) -> None:
+    """The layer's planned tiles while it is checkpointed in its graph; whole otherwise (without a
+    checkpoint the tiles' intermediates are all kept for backward: no saving, only smaller matmuls)."""
+    planned = getattr(layer, "graph_tiles", 1)
+    if planned > 1 or getattr(layer.mlp, "graph_tiles", None) is not None:
+        tile_in_graph(layer.mlp, planned if mode and in_graph(layer) else 1)
+
+
+def graph_tiles(model: torch.nn.Module) -> int:
+    """How many tiles the decoder layers' MLPs run in as they stand (1: whole)."""
+    return max(
+        (getattr(layer.mlp, "graph_tiles", 1) for layer in decoder_layers(model) if hasattr(layer, "mlp")), default=1
+    )
 
 
 def keeps_attention_on(layer: torch.nn.Module, mode: Recompute | None) -> bool:
     """Whether a checkpoint_in_graph layer keeps its attention's outputs under `mode`: under offload, where
     the data's samples are long (may_keep_attention), and not with tiled MLPs, whose eager tiles inside the
     layer break its graph (the attention then ran more often, not less: 3 forwards a layer, on the CPU)."""
-    tiled = getattr(getattr(layer, "mlp", None), "tile_tokens", None) is not None
-    return mode == "offload" and layer.may_keep_attention and not tiled
+    return mode == "offload" and layer.may_keep_attention and in_graph(layer)
 
 
 def keeps_attention(model: torch.nn.Module) -> bool:
@@ -194,34 +316,43 @@ def keep_attention(ctx, func, *args, **kwargs) -> CheckpointPolicy:
 
 
 def checkpoint_in_graph(layer: torch.nn.Module) -> None:
-    """Let a compiled decoder layer keep its attention's outputs under checkpointing.
+    """Checkpoint a compiled decoder layer inside its graph, where it may keep its attention's outputs.
 
-    Selective checkpointing works inside the compiled graph, where the partitioner reads its marks.
-    transformers 5.17 checkpoints a layer around its __call__ (so around a compiled layer's graph,
-    which then runs again whole in backward); later versions inside forward. While `keeps_attention`
-    (set by apply_recompute) is on, transformers' checkpoint function runs the layer as is and the
-    layer's forward checkpoints itself with the policy, under the same switch (gradient_checkpointing,
-    training, grad enabled); otherwise transformers checkpoints the layer as it always does.
+    Inside the compiled graph the partitioner reads selective checkpointing's marks, and recomputes in
+    backward only what backward needs next. transformers 5.17 checkpoints a layer around its __call__,
+    around the compiled graph, whose own partitioner then recomputed the attention once more (3
+    attention forwards a layer a step, seen on an H200); later versions inside forward. Here the
+    layer's forward checkpoints itself (under the same switch: gradient_checkpointing, training, grad
+    enabled), with the policy while `keeps_attention` (set by apply_recompute), and transformers'
+    checkpoint function runs the layer as is. A layer with tiled MLPs (eager tiles, which break its
+    graph) is checkpointed by transformers as before.
     """
     forward = layer.forward
     kept = functools.partial(create_selective_checkpoint_contexts, keep_attention)
 
     def checkpointed_forward(*args, **kwargs):
-        if layer.keeps_attention and layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, context_fn=kept, **kwargs)
+        if in_graph(layer) and layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+            if layer.keeps_attention:
+                return checkpoint(forward, *args, use_reentrant=False, context_fn=kept, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return forward(*args, **kwargs)
 
     layer.forward = checkpointed_forward
     layer.checkpoints_in_graph = True
     layer.may_keep_attention = False  # keep_attention_when_offloaded decides, from the data
     layer.keeps_attention = False
-    layer._gradient_checkpointing_func = functools.partial(checkpoint_unless_kept, layer)
+    layer._gradient_checkpointing_func = functools.partial(checkpoint_outside_graph, layer)
 
 
-def checkpoint_unless_kept(layer: torch.nn.Module, function, *args):
+def in_graph(layer: torch.nn.Module) -> bool:
+    """Whether a checkpoint_in_graph layer checkpoints inside its graph: unless its MLP is tiled."""
+    return getattr(getattr(layer, "mlp", None), "tile_tokens", None) is None
+
+
+def checkpoint_outside_graph(layer: torch.nn.Module, function, *args):
     """transformers' checkpoint function on a checkpoint_in_graph layer: the non-reentrant checkpoint
-    set_checkpointing asks for, unless the layer checkpoints itself to keep its attention's outputs."""
-    if layer.keeps_attention:
+    set_checkpointing asks for where the layer does not checkpoint itself in its graph."""
+    if in_graph(layer):
         return function(*args)
     return checkpoint(function, *args, use_reentrant=False)
 
@@ -274,7 +405,7 @@ def set_checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_disable()
     for module in model.modules():  # enabling gave every layer transformers' checkpoint function again
         if getattr(module, "checkpoints_in_graph", False):
-            module._gradient_checkpointing_func = functools.partial(checkpoint_unless_kept, module)
+            module._gradient_checkpointing_func = functools.partial(checkpoint_outside_graph, module)
 
 
 def is_checkpointing(model) -> bool:
@@ -422,6 +553,12 @@ def check_tiled_mlp(config: RunConfig, sharded: bool) -> None:
             f"train.tiled_mlp is {config.train.tiled_mlp}, but this is an FSDP launch, whose flat shards tiled "
             "MLPs are not checked with. Set train.tiled_mlp=null, or launch without FSDP (one GPU, DDP)."
         )
+
+
+def count_decoder_layers(model: torch.nn.Module) -> int:
+    """How many decoder layers the PEFT model in `model` (itself, or inside wrappers: CausalLMLoss, DDP) has."""
+    peft_model = next((module for module in model.modules() if hasattr(module, "get_base_model")), None)
+    return len(decoder_layers(peft_model)) if peft_model is not None else 0
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

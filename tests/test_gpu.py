@@ -140,6 +140,19 @@ def test_offloaded_checkpointing_keeps_the_attention_of_long_samples_on_the_gpu(
     attention_kept_under_offload(tiny_model_dir, torch.device("cuda"), {"input_ids": ids, "labels": ids}, 0.1)
 
 
+def test_mlp_tiles_inside_the_compiled_graph_lower_the_step_peak_on_the_gpu(tmp_path):
+    from conftest import build_tokenizer, save_tiny_llama
+    from test_model import mlp_tiles_in_graph
+
+    # MLPs 16x the hidden size, 12,288 tokens: their intermediates are most of a layer's backward.
+    model_dir = save_tiny_llama(tmp_path / "wide-mlp", build_tokenizer(), hidden_size=128, intermediate_size=2048)
+    ids = torch.randint(3, 300, (1, 12288))
+    peaks = mlp_tiles_in_graph(model_dir, torch.device("cuda"), {"input_ids": ids, "labels": ids}, 0.1)
+    print({mode: f"{whole / 2**20:.0f} -> {tiled / 2**20:.0f} MiB" for mode, (whole, tiled) in peaks.items()})
+    for mode, (whole, tiled) in peaks.items():
+        assert tiled < 0.7 * whole, (mode, peaks)
+
+
 def test_compiled_layers_recompute_seeded_dropout_masks_exactly_on_the_gpu(tiny_model_dir):
     from test_model import compiled_against_eager_with_seeded_dropout
 

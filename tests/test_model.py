@@ -382,6 +382,85 @@ def test_offloaded_checkpointing_keeps_the_attention_of_long_samples_and_backwar
         assert (tiled[name] - gradient).norm() < 1e-4 * gradient.norm(), name
 
 
+def mlp_tiles_in_graph(model_dir, device, batch: dict, tolerance: float) -> dict:
+    """Compiled layers checkpointed in their graph, LoRA dropout 0.1 (seeded masks), train alike with
+    their MLPs whole and in 3 tiles inside the graph, on (True) and under offload (attention kept):
+    the same loss and gradients (each gradient's difference within `tolerance` of its norm), the same
+    attention forwards, more matmuls (the tiles ran). Returns each mode's step peaks (whole, tiled)
+    in bytes above what was allocated before (0 on the CPU)."""
+    from torch.profiler import profile
+
+    from modules.recompute import (
+        GRAPH_TILE_TOKENS,
+        ActivationOffload,
+        apply_recompute,
+        graph_tiles,
+        keep_attention_when_offloaded,
+        plan_graph_tiles,
+    )
+
+    torch._dynamo.reset()  # each (mode, tiles) below compiles anew: start below the recompile limit
+    compiled, _ = lora_model(model_dir, compiled=True, dropout=0.1, grad_checkpointing=True, device=device)
+    layers = compiled.get_base_model().config.num_hidden_layers
+    keep_attention_when_offloaded(compiled, [30000, 10], batch["input_ids"].numel(), None)
+    peaks = {}
+    for mode in (True, "offload"):
+        apply_recompute(compiled, mode)
+        context = ActivationOffload(compiled) if mode == "offload" and device.type == "cuda" else None
+        runs = []
+        for tokens in (GRAPH_TILE_TOKENS, 3 * GRAPH_TILE_TOKENS):  # micro-batches of one tile, of three
+            assert plan_graph_tiles(compiled, tokens, mode) == graph_tiles(compiled) == tokens // GRAPH_TILE_TOKENS
+            loss_and_gradients(compiled, batch, context)  # compiles
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+            torch.manual_seed(0)  # the same dropout masks (each forward draws its seeds)
+            with profile() as recorded:
+                loss, gradients = loss_and_gradients(compiled, batch, context)
+            peak = torch.cuda.max_memory_allocated() - before if device.type == "cuda" else 0
+            matmuls = sum(event.name in ("aten::mm", "aten::addmm") for event in recorded.events())
+            runs.append((loss, gradients, matmuls, peak, attention_kernel_calls(compiled, batch, context)[:2]))
+        (
+            (loss, gradients, matmuls, whole, attention),
+            (tiled_loss, tiled_gradients, tiled_matmuls, tiled, tiled_attention),
+        ) = runs
+        assert tiled_loss == pytest.approx(loss, rel=tolerance), mode
+        for name, gradient in gradients.items():
+            assert (tiled_gradients[name] - gradient).norm() < tolerance * gradient.norm(), (mode, name)
+        assert tiled_matmuls > matmuls, mode
+        assert tiled_attention == attention == ((layers if mode == "offload" else 2 * layers), layers), mode
+        peaks[mode] = whole, tiled
+    apply_recompute(compiled, False)  # no checkpoint: the tiles' intermediates would all be kept, so whole
+    assert graph_tiles(compiled) == 1
+    return peaks
+
+
+@pytest.mark.slow
+def test_mlp_tiles_inside_the_compiled_graph_train_like_the_whole_mlp_and_only_where_they_know_it(tiny_model_dir):
+    from peft.tuners.lora import LoraLayer
+
+    from modules.tiling import can_tile_in_graph
+
+    (batch,) = packed_batches([[60, 36]])
+    mlp_tiles_in_graph(tiny_model_dir, CPU, batch, tolerance=1e-5)
+
+    model, _ = lora_model(tiny_model_dir, dropout=0.1)
+    mlp = model.get_base_model().model.layers[0].mlp
+    assert can_tile_in_graph(mlp)
+
+    class OtherMLP(type(mlp)):  # an MLP of another form: its tiles would not be its forward
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)))
+
+    mlp.__class__ = OtherMLP
+    assert not can_tile_in_graph(mlp)
+    mlp.__class__ = OtherMLP.__bases__[0]
+    assert isinstance(mlp.down_proj, LoraLayer)
+    mlp.down_proj.merged_adapters = ["default"]  # merged LoRA: base weights changed, no LoRA branch to tile
+    assert not can_tile_in_graph(mlp)
+
+
 def test_seeded_dropout_keeps_one_minus_p_and_draws_new_masks_from_torch_seed():
     from modules.dropout import SeededDropout, keep_mask, reseed
 
@@ -446,6 +525,10 @@ def test_offloaded_activations_are_the_layer_inputs_and_change_no_gradient(tiny_
     for name, gradient in gradients.items():
         assert torch.equal(offloaded_gradients[name], gradient)
     assert len(offload.offloaded) >= 2  # at least both decoder layers' inputs
+    # Backward found every tensor but the first it asked for copied back ahead, never more than a
+    # layer's worth (the forward's bytes over the decoder layers) waiting at once.
+    assert offload.fetched_ahead == len(offload.offloaded) - 1
+    assert 0 < offload.most_ahead <= offload.saved_bytes / offload.layers
     assert all({94, 95, 96} & set(shape) for shape in offload.offloaded)  # activations of the row, never weights
     assert isinstance(activation_offload("offload", model, torch.device("cuda")), ActivationOffload)
     assert not isinstance(activation_offload("offload", model, CPU), ActivationOffload)  # nothing to gain
