@@ -136,7 +136,8 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (the norm is logged).")
     grad_checkpointing: Literal["auto", "offload"] | bool = Field(
         "auto",
-        description="Recompute activations in backward (non-reentrant). offload: also keep what the recompute starts "
+        description="Recompute activations in backward (non-reentrant; compiled layers inside their graph, where "
+        "micro-batches over 8192 tokens run the MLP in tiles). offload: also keep what the recompute starts "
         "from (each layer's input) in pinned CPU memory, for long sequences (on a GPU; slower per token); with "
         "compiled layers and samples averaging 24,576 tokens or more, each layer's attention output too, so "
         "backward runs no attention forward. auto, on "
