@@ -514,6 +514,7 @@ def test_tiled_mlps_keep_peft_dropout_since_they_run_eagerly(tiny_model_dir):
 
 
 def test_offloaded_activations_are_the_layer_inputs_and_change_no_gradient(tiny_model_dir):
+    from modules.loss import CausalLMLoss
     from modules.recompute import ActivationOffload, activation_offload
 
     model, _ = lora_model(tiny_model_dir, grad_checkpointing=True)
@@ -531,6 +532,8 @@ def test_offloaded_activations_are_the_layer_inputs_and_change_no_gradient(tiny_
     assert 0 < offload.most_ahead <= offload.saved_bytes / offload.layers
     assert all({94, 95, 96} & set(shape) for shape in offload.offloaded)  # activations of the row, never weights
     assert isinstance(activation_offload("offload", model, torch.device("cuda")), ActivationOffload)
+    # The window ahead is a layer's worth of bytes, whatever wraps the model (train.py hands it the loss's).
+    assert activation_offload("offload", CausalLMLoss(model, chunked=True), torch.device("cuda")).layers == 2
     assert not isinstance(activation_offload("offload", model, CPU), ActivationOffload)  # nothing to gain
     assert not isinstance(activation_offload(True, model, torch.device("cuda")), ActivationOffload)
 
