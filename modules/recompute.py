@@ -41,7 +41,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     small tensors stay where they are, and on a GPU the copies run on a stream of their own, so they
     overlap the layers' compute: forward copies each tensor out once the kernels that made it are done;
     backward, while one layer's tensors are in use, copies back those saved before them (a layer's
-    worth: what backward asks for next), so a layer seldom waits for its inputs.
+    worth: what backward asks for next), so the copies run beside the compute rather than before it.
     """
 
     def __init__(self, model: torch.nn.Module, min_elements: int = 2**14):
@@ -250,7 +250,7 @@ GRAPH_TILE_TOKENS = AUTO_TILE_TOKENS
 def plan_graph_tiles(model: torch.nn.Module, tokens: int, mode: Recompute | None) -> int:
     """For micro-batches of up to `tokens` tokens, how many tiles (modules.tiling) the MLPs of layers
     checkpointed in their compiled graph run in while checkpointed: ceil(tokens / GRAPH_TILE_TOKENS), or 1
-    for an MLP tiles_in_graph does not know. Set on the layers (and applied now where `mode` is known)."""
+    for an MLP tile_in_graph does not know. Set on the layers (and applied now where `mode` is known)."""
     tiles = -(-tokens // GRAPH_TILE_TOKENS)
     planned = 1
     for layer in decoder_layers(model):

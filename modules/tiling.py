@@ -66,7 +66,7 @@ def tiled(forward, tokens: int):
 
 
 def can_tile_in_graph(mlp) -> bool:
-    """Whether tiles_in_graph knows `mlp`: Llama's gated MLP code, over linears that are plain or
+    """Whether tile_in_graph knows `mlp`: Llama's gated MLP code, over linears that are plain or
     vanilla LoRA (no DoRA or other variant, not merged)."""
     code, llama = getattr(type(mlp).forward, "__code__", None), LlamaMLP.forward.__code__
     if code is None or (code.co_code, code.co_names) != (llama.co_code, llama.co_names):
