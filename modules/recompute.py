@@ -72,7 +72,11 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         def unpack(saved):
             if isinstance(saved, torch.Tensor):
                 return saved
-            tensor = saved.on_device() if saved.fetched is None else saved.take()
+            if saved.fetched is None:
+                tensor = saved.on_device()
+            else:
+                tensor = saved.take()
+                self.waiting -= saved.host.nbytes
             saved.used = True
             self.prefetch(below=saved.index)
             return tensor
@@ -84,6 +88,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         self.saved.clear()
         self.saved_bytes = 0
         self.next_fetch: int | None = None  # the next index to copy back ahead of use, counting down
+        self.waiting = 0  # bytes copied back ahead and not yet asked for
         self.fetched_ahead, self.most_ahead = 0, 0  # tensors copied back ahead, most bytes waiting (for tests)
         return super().__enter__()
 
@@ -97,20 +102,18 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     def prefetch(self, below: int) -> None:
         """Start copying back the tensors saved before index `below`, newest first, while less than a
         layer's worth (the forward's bytes over the decoder layers) is on its way or waiting."""
-        alive = [saved() for saved in self.saved]
         if self.next_fetch is None or below <= self.next_fetch:
             self.next_fetch = below - 1  # backward asked for one not yet fetched: go on below it
-        waiting = sum(s.host.nbytes for s in alive if s is not None and s.fetched is not None)
         layer = self.saved_bytes / self.layers
         while self.next_fetch >= 0:
-            saved = alive[self.next_fetch]
+            saved = self.saved[self.next_fetch]()
             if saved is not None and saved.fetched is None and not saved.used:
-                if waiting and waiting + saved.host.nbytes > layer:
+                if self.waiting and self.waiting + saved.host.nbytes > layer:
                     return
                 saved.fetch(self.copy_stream(saved.device))
-                waiting += saved.host.nbytes
+                self.waiting += saved.host.nbytes
                 self.fetched_ahead += 1
-                self.most_ahead = max(self.most_ahead, waiting)
+                self.most_ahead = max(self.most_ahead, self.waiting)
             self.next_fetch -= 1
 
 
@@ -345,7 +348,8 @@ def checkpoint_in_graph(layer: torch.nn.Module) -> None:
 
 
 def in_graph(layer: torch.nn.Module) -> bool:
-    """Whether a checkpoint_in_graph layer checkpoints inside its graph: unless its MLP is tiled."""
+    """Whether a checkpoint_in_graph layer checkpoints inside its graph: unless its MLP runs in eager
+    tiles (train.tiled_mlp, auto's last rung), which break the graph. Tiles in the graph do not."""
     return getattr(getattr(layer, "mlp", None), "tile_tokens", None) is None
 
 
