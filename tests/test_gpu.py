@@ -266,3 +266,44 @@ def test_the_varlen_backend_takes_grouped_heads_as_they_are_and_equals_repeated_
     for function in (through_the_backend, torch.compile(through_the_backend)):
         for ours, reference in zip(run(function), expected, strict=True):
             assert (ours - reference).norm() / reference.norm() < 1e-2
+
+
+def test_same_length_rows_keep_grouped_heads_unrepeated_in_less_memory_on_the_gpu():
+    """SDPA gets the 8 key/value heads of 32 query heads as they are: the same outputs and gradients
+    as with the heads repeated (eager and compiled), and a smaller peak (no repeated copies, no sum
+    over them in backward)."""
+    from modules.packing import same_length_rows
+
+    torch.manual_seed(0)
+    rows, length = 2, 4096
+    q = torch.randn(rows * length, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (
+        torch.randn(rows * length, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2)
+    )
+    target = torch.randn_like(q)
+
+    def run(function):
+        for tensor in (q, k, v):
+            tensor.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = function(q, k, v)
+        (out.float() * target).sum().backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        return [out.float(), q.grad.float(), k.grad.float(), v.grad.float()], peak
+
+    def repeated(q, k, v):
+        return same_length_rows(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), rows, None)
+
+    def grouped(q, k, v):
+        return same_length_rows(q, k, v, rows, None)
+
+    expected, repeated_peak = run(repeated)
+    for function in (grouped, torch.compile(grouped)):
+        got, peak = run(function)
+        for ours, reference in zip(got, expected, strict=True):
+            assert (ours - reference).norm() / reference.norm() < 1e-2
+        print(f"step peak: repeated heads {repeated_peak / 2**20:.0f}, grouped {peak / 2**20:.0f} MiB")
+        assert peak < repeated_peak - 32 * 2**20  # the repeated K and V alone are 2 x 48 MiB more
