@@ -11,9 +11,11 @@ auto; the plan's precision row says what) or `nogc`. Flags: `dropN` sets the LoR
 (default 5: 0.05; `drop0` for none); `liger` adds liger-kernel to Trainer (use_liger_kernel=True);
 `fullce` turns our chunked cross-entropy off (train.chunked_loss false); `eager` turns our compiled
 decoder layers off (train.compile false) and `compiled` on (train.compile true: auto compiles one
-process, DDP or FSDP on GPUs, not device_map). Unsloth (`../shared/device/pack-unsloth.sh` brings it; it needs a GPU)
-runs its patched model (FastLanguageModel, NF4 + double quant, its own LoRA kernels) in a plain
-PyTorch loop: AdamW, bf16, the same rows; its first steps compile kernels, so give it --warmup 4 or more.
+process, DDP or FSDP on GPUs, not device_map); `gibN` runs ours as on a GPU of N GiB (one process:
+benchmarks/capped_train.py caps its allocations, and auto recompute budgets against the cap; not
+with --profile). Unsloth (`../shared/device/pack-unsloth.sh` brings it; it needs a GPU) runs its
+patched model (FastLanguageModel, NF4 + double quant, its own LoRA kernels) in a plain PyTorch loop:
+AdamW, bf16, the same rows; its first steps compile kernels, so give it --warmup 4 or more.
 Our runs may name a launch: `ddpN` (N processes, accelerate_configs/multi_gpu.yaml), `fsdpN`
 (accelerate_configs/fsdp_qlora.yaml), `split` (one process, model.device_map auto over the visible
 GPUs); BATCH is then per process. Each run is its own process (group), so peak memory is its own.
@@ -211,6 +213,9 @@ def run_ours(spec: dict, args, data: Path) -> dict:
         config_path = Path(scratch) / "run.yaml"
         config_path.write_text(yaml.safe_dump(config))
         command = [*launcher(spec), str(REPO / "train.py"), "--config", str(config_path)]
+        if spec["gib"]:
+            command = [*launcher(spec), str(REPO / "benchmarks" / "capped_train.py"), "--gib", str(spec["gib"])]
+            command += ["--config", str(config_path)]
         if args.profile:  # train.py under torch.profiler, the measured steps recorded (every process: rank-N/)
             script, folder = REPO / "benchmarks" / "profile_train.py", profile_folder(args, spec)
             command = [*launcher(spec), str(script), "--config", str(config_path), "--out", str(folder)]
@@ -456,7 +461,9 @@ def parse_spec(text: str) -> dict:
     who, batch, recompute, *extra = parts
     launches = [match for e in extra if (match := re.fullmatch(r"(ddp|fsdp)(\d+)|split", e))]
     drops = [int(match.group(1)) for e in extra if (match := re.fullmatch(r"drop(\d+)", e))]
+    caps = [int(match.group(1)) for e in extra if (match := re.fullmatch(r"gib(\d+)", e))]
     flags = set(extra) - {match.group(0) for match in launches} - {f"drop{n}" for n in drops}
+    flags -= {f"gib{n}" for n in caps}
     ours_only = {"fullce", "eager", "compiled"}
     if (
         who not in ("ours", "trainer", "unsloth")
@@ -468,10 +475,12 @@ def parse_spec(text: str) -> dict:
         or (who != "trainer" and "liger" in flags)
         or {"eager", "compiled"} <= flags
         or len(drops) > 1
+        or (caps and (who != "ours" or launches or len(caps) > 1))
     ):
         raise SystemExit(
             f"bad run {text!r}: WHO:BATCH:gc|nogc|offload|auto[:dropN][:liger|:fullce|:eager|:compiled]"
-            "[:ddpN|:fsdpN|:split] (liger: trainer only; fullce, eager, compiled, launches: ours only)"
+            "[:ddpN|:fsdpN|:split|:gibN] (liger: trainer only; fullce, eager, compiled, launches, gibN: ours only; "
+            "gibN: one process)"
         )
     kind, processes = (launches[0].group(1), int(launches[0].group(2) or 1)) if launches else (None, 1)
     return {
@@ -482,6 +491,7 @@ def parse_spec(text: str) -> dict:
         "gc": recompute != "nogc",  # Trainer's switch
         "liger": "liger" in flags,
         "dropout": drops[0] / 100 if drops else 0.05,
+        "gib": caps[0] if caps else None,  # GiB this process may allocate on its GPU
         "chunked_loss": "fullce" not in flags,
         "compile": False if "eager" in flags else True if "compiled" in flags else None,  # None: train.py's auto
         "processes": processes,

@@ -6,6 +6,15 @@ cost 17 GiB of a 63.5 GiB step (benchmarks/README.md, 2026-11-30). Here the mask
 element's index and a per-call seed, so it is a pure function of tensors that exist anyway: the
 compiled layers recompute it inside the backward kernels that read it, and nothing is stored.
 
+What backward still reads is the dropped input itself (LoRA A's gradient is taken against it), one
+more activation per projection beside the input the base weight's product needs. `recompute_dropped_inputs`
+makes the compiled layers compute it again in backward from the input and the seed instead (a
+checkpoint around the dropout, which the compiler's partitioner must honour). On an 8B model at 4 x
+2,048 tokens and dropout 0.05 that took the step from 40.2 to 30.9 GiB (dropout 0: 30.7) and from
+15,310 to 14,738-14,860 tokens/s (not profiled: the mask's hash runs again over every input, 38,912
+elements a token a layer; benchmarks/README.md, 2026-12-01). So it is auto recompute's second rung,
+taken only where keeping them does not fit.
+
 Each dropout module holds its seed in a buffer (not saved with the adapter). Before each training
 forward, `reseed` sets every seed to the module's own base plus one number drawn from torch's CPU
 generator: the masks change every micro-batch, follow torch.manual_seed, and come back the same on
@@ -16,6 +25,7 @@ passes over int64 copies of the input, so eager layers keep PEFT's dropout, and 
 """
 
 import torch
+import torch.utils.checkpoint
 
 LOW_32_BITS = 0xFFFFFFFF
 
@@ -44,6 +54,8 @@ def keep_mask(seed: torch.Tensor, shape: torch.Size, p: float, device: torch.dev
 class SeededDropout(torch.nn.Dropout):
     """nn.Dropout with the mask a function of `seed` and the element's index (see the module docstring)."""
 
+    recompute_input = False  # True: backward computes the dropped input again rather than keeping it
+
     def __init__(self, p: float, base_seed: int):
         super().__init__(p)
         self.register_buffer("base_seed", torch.tensor(base_seed, dtype=torch.int64), persistent=False)
@@ -54,8 +66,17 @@ class SeededDropout(torch.nn.Dropout):
         the tiles' masks are then the whole input's."""
         if not self.training or self.p == 0:
             return x
-        keep = keep_mask(self.seed, x.shape, self.p, x.device, first=first_row * x.shape[-1])
-        return torch.where(keep, x * (1 / (1 - self.p)), 0)
+        first = first_row * x.shape[-1]
+        if not self.recompute_input:
+            return drop(x, self.seed, self.p, first)
+        return torch.utils.checkpoint.checkpoint(
+            drop, x, self.seed, self.p, first, use_reentrant=False, preserve_rng_state=False
+        )
+
+
+def drop(x: torch.Tensor, seed: torch.Tensor, p: float, first: int) -> torch.Tensor:
+    keep = keep_mask(seed, x.shape, p, x.device, first=first)
+    return torch.where(keep, x * (1 / (1 - p)), 0)
 
 
 def use_seeded_dropout(model: torch.nn.Module) -> int:
@@ -85,6 +106,13 @@ def use_plain_dropout(module: torch.nn.Module) -> None:
             for name, dropout in dropouts.items():
                 if isinstance(dropout, SeededDropout):
                     dropouts[name] = torch.nn.Dropout(dropout.p).train(dropout.training)
+
+
+def recompute_dropped_inputs(model: torch.nn.Module, recompute: bool) -> None:
+    """Whether every SeededDropout of `model` has backward compute its dropped input again (less memory,
+    more time; see the module docstring). Compiled layers compile again when this changes."""
+    for dropout in seeded_dropouts(model):
+        dropout.recompute_input = recompute
 
 
 def seeded_dropouts(model: torch.nn.Module) -> list[SeededDropout]:

@@ -147,12 +147,17 @@ def recompute_line(plan: Plan) -> str:
     """The plan's word on gradient checkpointing: as chosen or resolved, or auto still to be probed."""
     choice = plan.recompute
     if choice is None:
-        return "auto (one probe step after loading picks off, on, offload, or offload with tiled MLPs)"
+        return (
+            "auto (one probe step after loading picks off, off with LoRA dropout's inputs recomputed, on, offload, "
+            "or offload with tiled MLPs)"
+        )
     words = RECOMPUTE_WORDS[choice.mode]
     if choice.mode == "offload" and plan.device.type != "cuda":
         words = "on (offload asked, but on the CPU there is nothing to offload)"
     elif choice.mode == "offload" and plan.loaded is not None and plan.loaded.attention_kept:
         words += ", attention outputs with them (backward runs no attention forward)"
+    if choice.dropout_recomputed:
+        words += ", LoRA dropout's dropped inputs computed again in backward rather than kept"
     if choice.mode and plan.loaded is not None and plan.loaded.graph_tiles > 1:
         words += f", MLPs in {plan.loaded.graph_tiles} tiles of the micro-batch's tokens inside the compiled graph"
     return f"{words} ({choice.why})" if choice.why else words

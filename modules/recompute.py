@@ -2,15 +2,17 @@
 
 Gradient checkpointing on or off, layer inputs offloaded to pinned CPU memory, MLPs in tiles, and
 train.grad_checkpointing auto, which probes one step of the heaviest micro-batch on each rung of
-the ladder (off, on, offload, offload with tiled MLPs) and keeps the first that fits the GPU.
+the ladder (off, off with LoRA dropout's inputs recomputed, on, offload, offload with tiled MLPs)
+and keeps the first that fits the GPU.
 
-One vocabulary: a *rung* is (recompute mode, MLP tile); *resolve* reads the config, *choose*
-probes the ladder on one process (the first fitting rung), *agree* makes every process take the
-leanest rung any of them needed, *apply* puts a model on a mode or rung.
+One vocabulary: a *rung* is (recompute mode, MLP tile, dropout's inputs recomputed); *resolve* reads
+the config, *choose* probes the ladder on one process (the first fitting rung), *agree* makes every
+process take the leanest rung any of them needed, *apply* puts a model on a mode or rung.
 """
 
 import contextlib
 import functools
+import gc
 import inspect
 import warnings
 import weakref
@@ -22,6 +24,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from modules.config import RunConfig
+from modules.dropout import recompute_dropped_inputs, seeded_dropouts
 from modules.errors import UserError
 from modules.hardware import Precision
 from modules.loss import compute_loss, language_model
@@ -186,13 +189,22 @@ def activation_offload(recompute: Recompute, model: torch.nn.Module, device: tor
 # train.grad_checkpointing auto tries these rungs in order and keeps the first whose step fits the
 # GPU: fastest first (no recompute), leanest last (recompute, layer inputs in CPU memory, and the
 # MLPs in tiles of AUTO_TILE_TOKENS, the tile measured on an 8B model: benchmarks/README.md).
+# The second rung recomputes only what seeded LoRA dropout drops (modules.dropout): on an 8B model
+# at 4 x 2,048 tokens and dropout 0.05, 30.9 GiB instead of 40.2 at 0.96-0.97x the speed, where
+# checkpointing whole layers gives 0.77x (benchmarks/README.md, 2026-12-01).
 AUTO_TILE_TOKENS = 8192
 
 
-Rung = tuple[Recompute, int | None]  # (recompute, tokens per MLP tile or None for whole rows)
+Rung = tuple[Recompute, int | None, bool]  # (recompute, tokens per MLP tile or None, dropout's inputs recomputed)
 
 
-RECOMPUTE_LADDER: tuple[Rung, ...] = ((False, None), (True, None), ("offload", None), ("offload", AUTO_TILE_TOKENS))
+RECOMPUTE_LADDER: tuple[Rung, ...] = (
+    (False, None, False),
+    (False, None, True),
+    (True, None, False),
+    ("offload", None, False),
+    ("offload", AUTO_TILE_TOKENS, False),
+)
 
 
 RECOMPUTE_WORDS = {False: "off", True: "on", "offload": "on, layer inputs offloaded to pinned CPU memory"}
@@ -210,10 +222,11 @@ class RecomputeChoice:
     why: str  # for the plan: how it was chosen
     ran_out: bool = False  # auto: even the leanest rung's probe step ran out of memory
     tiled: int | None = None  # tokens per MLP tile: train.tiled_mlp, or auto's last rung
+    dropout_recomputed: bool = False  # auto's second rung: seeded LoRA dropout's inputs recomputed
 
     @property
     def rung(self) -> Rung:
-        return self.mode, self.tiled
+        return self.mode, self.tiled, self.dropout_recomputed
 
 
 def resolve_recompute(config: RunConfig, device: torch.device, sharded: bool) -> RecomputeChoice | None:
@@ -457,6 +470,8 @@ def probe_step(model, batch: dict, mode: Recompute, precision: Precision, device
         except torch.OutOfMemoryError:
             ran_out = True  # the traceback, which holds the step's tensors, goes with this block
     loss = None
+    if ran_out:  # frames the traceback held may sit in reference cycles, their tensors with them, till collected
+        gc.collect()
     model.train(was_training)
     model.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_reserved(device) if cuda else 0
@@ -484,35 +499,42 @@ def first_fitting_rung(probe, extra: int, budget: int, ladder: tuple[Rung, ...] 
     """
     limit = MEMORY_HEADROOM * budget
     tried = []
-    for mode, tiles in ladder:
-        peak = probe((mode, tiles))
+    for mode, tiles, dropped in ladder:
+        peak = probe((mode, tiles, dropped))
         if peak is not None and peak + extra <= limit:
             fit = f"a step peaked at {peak / 2**30:.1f} GiB"
             why = f"auto: {fit}, within {MEMORY_HEADROOM:.0%} of {budget / 2**30:.1f} GiB"
-            return RecomputeChoice(mode, why, tiled=tiles)
+            why += f"; before it {'; '.join(tried)}" if tried else ""
+            return RecomputeChoice(mode, why, tiled=tiles, dropout_recomputed=dropped)
         short = {False: "off", True: "on"}.get(mode, mode) + (" + tiled MLP" if tiles else "")
+        short += " + dropout recomputed" if dropped else ""
         tried.append(f"{short}: " + ("out of memory" if peak is None else f"{peak / 2**30:.1f} GiB"))
     why = f"auto: nothing fit {budget / 2**30:.1f} GiB ({'; '.join(tried)})"
-    return RecomputeChoice(mode, why, ran_out=peak is None, tiled=tiles)
+    return RecomputeChoice(mode, why, ran_out=peak is None, tiled=tiles, dropout_recomputed=dropped)
 
 
 def recompute_ladder(model, tiled_mlp: int | None) -> tuple[Rung, ...]:
-    """The rungs auto may climb for this model: each tiled by train.tiled_mlp where it is set, and
-    without auto's tiled rung where there is no dense MLP to tile."""
+    """The rungs auto may climb for this model: each tiled by train.tiled_mlp where it is set, without
+    auto's tiled rung where there is no dense MLP to tile, and without the dropout rung where no seeded
+    dropout would recompute anything (dropout 0, eager layers)."""
+    ladder = RECOMPUTE_LADDER
+    if not seeded_dropouts(model):
+        ladder = tuple(rung for rung in ladder if not rung[2])
     if not any(is_dense_mlp(getattr(layer, "mlp", None)) for layer in decoder_layers(model)):
-        return RECOMPUTE_LADDER[:-1]
+        return ladder[:-1]
     if tiled_mlp:
-        return tuple((mode, tiled_mlp) for mode, _ in RECOMPUTE_LADDER[:-1])
-    return RECOMPUTE_LADDER
+        return tuple((mode, tiled_mlp, dropped) for mode, _, dropped in ladder[:-1])
+    return ladder
 
 
 def apply_rung(model, rung: Rung) -> None:
     """Put the model on `rung`: its recompute, and its MLPs in tiles if the rung tiles. Tiling cannot
     be undone, which is why auto's tiled rung is the last. Compiled layers that ran whole MLPs notice
     the new MLP forward and compile again (a test checks)."""
-    mode, tiles = rung
+    mode, tiles, dropped = rung
     if tiles:
         tile_decoder_mlps(model, tiles)
+    recompute_dropped_inputs(model, dropped)
     apply_recompute(model, mode)
 
 
@@ -547,7 +569,8 @@ def agree_recompute(
         return choice
     apply_rung(model, ladder[rung])
     why = f"auto: another process needed it; here {choice.why.removeprefix('auto: ')}"
-    return RecomputeChoice(ladder[rung][0], why, tiled=ladder[rung][1])
+    mode, tiles, dropped = ladder[rung]
+    return RecomputeChoice(mode, why, tiled=tiles, dropout_recomputed=dropped)
 
 
 def check_tiled_mlp(config: RunConfig, sharded: bool) -> None:

@@ -165,6 +165,7 @@ def test_compiled_layers_recompute_seeded_dropout_masks_exactly_on_the_gpu(tiny_
     assert torch.equal(torch.compile(keep_mask)(seed, shape, 0.05, cuda), eager)
     assert torch.equal(keep_mask(seed.cpu(), shape, 0.05, torch.device("cpu")), eager.cpu())  # same bits everywhere
     compiled_against_eager_with_seeded_dropout(tiny_model_dir, cuda, tolerance=0.1, dropout=0.1)
+    compiled_against_eager_with_seeded_dropout(tiny_model_dir, cuda, tolerance=0.1, dropout=0.1, recompute_inputs=True)
     compiled_against_eager_with_seeded_dropout(tiny_model_dir, cuda, tolerance=0.1, dropout=0.0)
 
 

@@ -231,14 +231,17 @@ def test_compiled_decoder_layers_train_like_eager_ones_and_generation_stays_eage
     assert counters["stats"]["unique_graphs"] == graphs  # generating compiled nothing new
 
 
-def compiled_against_eager_with_seeded_dropout(model_dir, device, tolerance: float, dropout: float = 0.1) -> None:
+def compiled_against_eager_with_seeded_dropout(
+    model_dir, device, tolerance: float, dropout: float = 0.1, recompute_inputs: bool = False
+) -> None:
     """Compiled layers under the activation memory budget, LoRA dropout by seeded masks, train like eager
-    layers with the same masks: what the compiler recomputes in backward (the masks too) is what the
-    forward computed. `tolerance` bounds each gradient's difference relative to its norm (bf16 kernels
-    round differently)."""
-    from modules.dropout import seeded_dropouts, use_seeded_dropout
+    layers with the same masks: what the compiler recomputes in backward (the masks too, and with
+    `recompute_inputs` the dropped inputs) is what the forward computed. `tolerance` bounds each
+    gradient's difference relative to its norm (bf16 kernels round differently)."""
+    from modules.dropout import recompute_dropped_inputs, seeded_dropouts, use_seeded_dropout
 
     compiled, _ = lora_model(model_dir, compiled=True, dropout=dropout, device=device, grad_checkpointing=False)
+    recompute_dropped_inputs(compiled, recompute_inputs)
     eager, _ = lora_model(model_dir, compiled=False, dropout=dropout, device=device, grad_checkpointing=False)
     assert not seeded_dropouts(eager)  # eager layers keep PEFT's dropout
     assert use_seeded_dropout(eager) == len(seeded_dropouts(compiled)) == (14 if dropout else 0)  # 7 x 2 layers
@@ -287,12 +290,9 @@ def saved_activation_bytes(model, batch: dict) -> int:
     return sum(kept.values())
 
 
-@pytest.mark.slow
-def test_compiled_layers_under_the_budget_keep_less_for_backward(tmp_path, monkeypatch):
-    import modules.model
-
-    # 512 tokens through layers of the width ratios of Llama-3-8B (MLP 3.5x hidden, 4 query heads per KV head)
-    model_dir = save_tiny_llama(
+def eight_b_ratios(tmp_path):
+    """A tiny Llama of the width ratios of Llama-3-8B (MLP 3.5x hidden, 4 query heads per KV head)."""
+    return save_tiny_llama(
         tmp_path / "model",
         build_tokenizer(),
         hidden_size=256,
@@ -300,6 +300,13 @@ def test_compiled_layers_under_the_budget_keep_less_for_backward(tmp_path, monke
         num_attention_heads=8,
         num_key_value_heads=2,
     )
+
+
+@pytest.mark.slow
+def test_compiled_layers_under_the_budget_keep_less_for_backward(tmp_path, monkeypatch):
+    import modules.model
+
+    model_dir = eight_b_ratios(tmp_path)  # 512 tokens through it
     (batch,) = packed_batches([[300, 212]])
     kept = {}
     for budget in (1.0, modules.model.ACTIVATION_MEMORY_BUDGET):
@@ -309,6 +316,33 @@ def test_compiled_layers_under_the_budget_keep_less_for_backward(tmp_path, monke
         for _ in range(2):  # the first forward compiles
             kept[budget] = saved_activation_bytes(model, batch)
     assert kept[modules.model.ACTIVATION_MEMORY_BUDGET] < 0.75 * kept[1.0]
+
+
+@pytest.mark.slow
+def test_recomputing_the_dropped_inputs_keeps_less_and_trains_the_same(tmp_path):
+    """Auto's second rung: the compiled layers compute LoRA dropout's dropped inputs again in backward
+    from the input and the seed, keeping less for backward, with the same loss and gradients."""
+    from modules.dropout import recompute_dropped_inputs, seeded_dropouts
+    from modules.recompute import apply_rung
+
+    model_dir = eight_b_ratios(tmp_path)
+    (batch,) = packed_batches([[300, 212]])
+    model, _ = lora_model(model_dir, compiled=True, dropout=0.05, grad_checkpointing=False)
+    kept, trained = {}, {}
+    for rung in ((False, None, False), (False, None, True), (False, None, False)):  # and back: compiles per rung
+        apply_rung(model, rung)
+        assert all(dropout.recompute_input is rung[2] for dropout in seeded_dropouts(model)) and seeded_dropouts(model)
+        for _ in range(2):  # the first forward compiles
+            kept[rung[2]] = saved_activation_bytes(model, batch)
+        torch.manual_seed(3)
+        trained[rung[2]] = loss_and_gradients(model, batch)
+    hidden_sized = 512 * 256 * 4  # one fp32 activation of a layer's width, here 0.5 MiB
+    assert kept[False] - kept[True] >= 2 * hidden_sized, kept  # measured: 14.3 -> 12.9 MiB for 2 layers
+    (loss, gradients), (lean_loss, lean_gradients) = trained[False], trained[True]
+    assert lean_loss == pytest.approx(loss, rel=1e-6)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(lean_gradients[name], gradient, rtol=1e-5, atol=1e-7)
+    recompute_dropped_inputs(model, False)
 
 
 def attention_kernel_calls(model, batch: dict, context=None) -> tuple[int, int, dict]:
@@ -373,7 +407,7 @@ def test_offloaded_checkpointing_keeps_the_attention_of_long_samples_and_backwar
     (batch,) = packed_batches([[60, 36]])
     compiled, gradients = attention_kept_under_offload(tiny_model_dir, CPU, batch, tolerance=1e-4)
     # Tiled MLPs (auto's last rung) break the layer's graph: nothing kept, and the attention runs twice as before.
-    apply_rung(compiled, ("offload", 32))
+    apply_rung(compiled, ("offload", 32, False))
     assert not keeps_attention(compiled)
     loss_and_gradients(compiled, batch)
     forwards, backwards, tiled = attention_kernel_calls(compiled, batch)
@@ -579,7 +613,8 @@ def test_auto_recompute_keeps_the_fastest_step_that_fits_and_probes_no_further()
 
     gib = 2**30
     budget = 80 * gib
-    tiled = ("offload", AUTO_TILE_TOKENS)
+    off, lean, on, offload = (False, None, False), (False, None, True), (True, None, False), ("offload", None, False)
+    tiled = ("offload", AUTO_TILE_TOKENS, False)
 
     def climb(peaks: dict, extra: int = 0, ladder=RECOMPUTE_LADDER):
         probed = []
@@ -590,33 +625,43 @@ def test_auto_recompute_keeps_the_fastest_step_that_fits_and_probes_no_further()
 
         return first_fitting_rung(probe, extra, budget, ladder), probed
 
-    roomy = {(False, None): 60 * gib, (True, None): 10 * gib, ("offload", None): 8 * gib, tiled: 6 * gib}
+    roomy = {off: 60 * gib, lean: 40 * gib, on: 10 * gib, offload: 8 * gib, tiled: 6 * gib}
     choice, probed = climb(roomy)
-    assert choice.rung == (False, None) and probed == [(False, None)] and "60.0 GiB" in choice.why
-    choice, probed = climb(roomy | {(False, None): None})  # None: out of memory
-    assert choice.rung == (True, None) and probed == [(False, None), (True, None)]
+    assert choice.rung == off and probed == [off] and "60.0 GiB" in choice.why
+    assert not choice.dropout_recomputed
+    choice, probed = climb(roomy | {off: None})  # None: out of memory
+    assert choice.rung == lean and probed == [off, lean] and choice.dropout_recomputed and not choice.mode
+    assert "40.0 GiB, within 90% of 80.0 GiB; before it off: out of memory" in choice.why  # what was tried
+    choice, probed = climb(roomy | {off: None, lean: None})
+    assert choice.rung == on and probed == [off, lean, on]
     over = int(MEMORY_HEADROOM * budget) - 10 * gib + 1  # what the optimizer adds tips checkpointing over
-    choice, probed = climb(roomy | {(False, None): None}, extra=over)
-    assert choice.rung == ("offload", None) and probed == [(False, None), (True, None), ("offload", None)]
-    choice, probed = climb(roomy | {(False, None): None, (True, None): None}, extra=over + 2 * gib)
-    assert choice.rung == tiled and choice.tiled == AUTO_TILE_TOKENS and len(probed) == 4  # tiling tips it
-    long_rows = {(False, None): None, (True, None): None, ("offload", None): 30 * gib, tiled: 25 * gib}
+    choice, probed = climb(roomy | {off: None}, extra=over)
+    assert choice.rung == offload and probed == [off, lean, on, offload]
+    choice, probed = climb(roomy | {off: None, on: None}, extra=over + 2 * gib)
+    assert choice.rung == tiled and choice.tiled == AUTO_TILE_TOKENS and len(probed) == 5  # tiling tips it
+    long_rows = {off: None, lean: None, on: None, offload: 30 * gib, tiled: 25 * gib}
     choice, _ = climb(long_rows, extra=60 * gib)  # ran, but over: the leanest rung, said so
     assert choice.rung == tiled and not choice.ran_out and "nothing fit" in choice.why
-    choice, _ = climb(long_rows | {("offload", None): None, tiled: None})
+    choice, _ = climb(long_rows | {offload: None, tiled: None})
     assert choice.rung == tiled and choice.ran_out
     assert "off: out of memory" in choice.why and "offload + tiled MLP: out of memory" in choice.why
-    choice, _ = climb(long_rows | {("offload", None): None}, ladder=RECOMPUTE_LADDER[:-1])  # MLPs tiled already
-    assert choice.rung == ("offload", None) and choice.ran_out
+    assert "off + dropout recomputed: out of memory" in choice.why
+    choice, _ = climb(long_rows | {offload: None}, ladder=RECOMPUTE_LADDER[:-1])  # MLPs tiled already
+    assert choice.rung == offload and choice.ran_out
 
 
 def test_auto_climbs_to_tiled_mlps_only_where_there_are_whole_dense_mlps_to_tile(tiny_model_dir):
+    from modules.dropout import use_seeded_dropout
     from modules.recompute import RECOMPUTE_LADDER, recompute_ladder
 
-    model, _ = lora_model(tiny_model_dir)
-    assert recompute_ladder(model, tiled_mlp=None) == RECOMPUTE_LADDER  # llama: dense MLPs
-    tiled_by_config = ((False, 4096), (True, 4096), ("offload", 4096))  # no tiled rung of its own
+    model, _ = lora_model(tiny_model_dir, dropout=0.05)  # eager layers: PEFT's dropout, nothing for that rung to do
+    without_dropout_rung = tuple(rung for rung in RECOMPUTE_LADDER if not rung[2])
+    assert recompute_ladder(model, tiled_mlp=None) == without_dropout_rung  # llama: dense MLPs
+    tiled_by_config = ((False, 4096, False), (True, 4096, False), ("offload", 4096, False))  # no tiled rung of its own
     assert recompute_ladder(model, tiled_mlp=4096) == tiled_by_config
+    use_seeded_dropout(model)  # what compiled layers take
+    assert recompute_ladder(model, tiled_mlp=None) == RECOMPUTE_LADDER
+    assert recompute_ladder(model, tiled_mlp=4096)[:2] == ((False, 4096, False), (False, 4096, True))
     for layer in model.get_base_model().model.layers:
         layer.mlp.experts = torch.nn.ModuleList()  # what a mixture of experts has: not tiled
     assert recompute_ladder(model, tiled_mlp=None) == recompute_ladder(model, tiled_mlp=4096) == RECOMPUTE_LADDER[:-1]
@@ -625,7 +670,7 @@ def test_auto_climbs_to_tiled_mlps_only_where_there_are_whole_dense_mlps_to_tile
 def test_every_ddp_process_settles_on_the_leanest_rung_any_of_them_needed(tiny_model_dir):
     from modules.recompute import RECOMPUTE_LADDER, RecomputeChoice, agree_recompute, apply_rung
 
-    ladder = (*RECOMPUTE_LADDER[:-1], ("offload", 32))  # tiles this tiny batch can show
+    ladder = (*RECOMPUTE_LADDER[:-1], ("offload", 32, False))  # tiles this tiny batch can show
     (batch,) = packed_batches([[60, 36]])  # 96 tokens
     model, _ = lora_model(tiny_model_dir, grad_checkpointing=False)
     model.train()
@@ -633,15 +678,15 @@ def test_every_ddp_process_settles_on_the_leanest_rung_any_of_them_needed(tiny_m
     assert agree_recompute(model, mine, ladder, 0, 96) is mine  # nobody needed more
     with pytest.raises(UserError, match="even with checkpointing offloaded to CPU memory and MLPs in tiles of 32"):
         agree_recompute(model, mine, ladder, len(ladder), 96)  # one process ran out on every rung
-    settled = agree_recompute(model, mine, ladder, 3, 96)  # another process needed the tiled rung
-    assert settled.rung == ("offload", 32) and "another process needed it" in settled.why
+    settled = agree_recompute(model, mine, ladder, 4, 96)  # another process needed the tiled rung
+    assert settled.rung == ("offload", 32, False) and "another process needed it" in settled.why
     assert is_checkpointing(model.get_base_model())
     calls = count_mlp_passes(model)
     model(**batch)  # a training forward
     assert len(calls) == 3  # tiled here too: 3 tiles of 32 (a whole MLP is one pass)
     mlp = model.get_base_model().model.layers[0].mlp
     forward = mlp.forward
-    apply_rung(model, ("offload", 32))  # as every probe does: tiled alike already, left as it is
+    apply_rung(model, ("offload", 32, False))  # as every probe does: tiled alike already, left as it is
     assert mlp.forward is forward  # so compiled layers need not recompile
 
 
@@ -662,7 +707,7 @@ def test_the_tiled_rung_tiles_mlps_that_compiled_layers_already_ran_whole(tiny_m
     model.train()
     compile_decoder_layers(model)
     loss, gradients = loss_and_gradients(model, batch)  # compiled, whole MLPs
-    apply_rung(model, ("offload", 32))
+    apply_rung(model, ("offload", 32, False))
     assert is_checkpointing(model.get_base_model())
     calls = count_mlp_passes(model)  # the compiled graph runs a whole MLP without calling its hooks
     model(**batch)
