@@ -76,7 +76,13 @@ class Plan:
     @property
     def resolved(self) -> dict:
         """What the auto settings became here (config.yaml keeps `auto`), for W&B's config."""
-        return {"grad_checkpointing": self.recompute.mode, "tiled_mlp": self.recompute.tiled, "compile": self.compiled}
+        choice = self.recompute
+        return {
+            "grad_checkpointing": choice.mode,
+            "tiled_mlp": choice.tiled,
+            "lora_dropout_inputs_recomputed": choice.dropout_recomputed,
+            "compile": self.compiled,
+        }
 
 
 def print_plan(plan: Plan) -> None:

@@ -1,4 +1,5 @@
 import contextlib
+from types import SimpleNamespace
 
 import bitsandbytes as bnb
 import pytest
@@ -609,6 +610,7 @@ def test_auto_recompute_is_measured_only_where_one_step_fills_one_whole_gpu():
 
 
 def test_auto_recompute_keeps_the_fastest_step_that_fits_and_probes_no_further():
+    from modules.plan import recompute_line
     from modules.recompute import AUTO_TILE_TOKENS, MEMORY_HEADROOM, RECOMPUTE_LADDER, first_fitting_rung
 
     gib = 2**30
@@ -632,6 +634,8 @@ def test_auto_recompute_keeps_the_fastest_step_that_fits_and_probes_no_further()
     choice, probed = climb(roomy | {off: None})  # None: out of memory
     assert choice.rung == lean and probed == [off, lean] and choice.dropout_recomputed and not choice.mode
     assert "40.0 GiB, within 90% of 80.0 GiB; before it off: out of memory" in choice.why  # what was tried
+    plan = SimpleNamespace(recompute=choice, device=torch.device("cuda"), loaded=None)  # what recompute_line reads
+    assert recompute_line(plan).startswith("off, LoRA dropout's dropped inputs computed again in backward rather than")
     choice, probed = climb(roomy | {off: None, lean: None})
     assert choice.rung == on and probed == [off, lean, on]
     over = int(MEMORY_HEADROOM * budget) - 10 * gib + 1  # what the optimizer adds tips checkpointing over
