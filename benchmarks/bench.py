@@ -212,10 +212,9 @@ def run_ours(spec: dict, args, data: Path) -> dict:
         }
         config_path = Path(scratch) / "run.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        command = [*launcher(spec), str(REPO / "train.py"), "--config", str(config_path)]
-        if spec["gib"]:
-            command = [*launcher(spec), str(REPO / "benchmarks" / "capped_train.py"), "--gib", str(spec["gib"])]
-            command += ["--config", str(config_path)]
+        capped = [str(REPO / "benchmarks" / "capped_train.py"), "--gib", str(spec["gib"])]
+        script = capped if spec["gib"] else [str(REPO / "train.py")]
+        command = [*launcher(spec), *script, "--config", str(config_path)]
         if args.profile:  # train.py under torch.profiler, the measured steps recorded (every process: rank-N/)
             script, folder = REPO / "benchmarks" / "profile_train.py", profile_folder(args, spec)
             command = [*launcher(spec), str(script), "--config", str(config_path), "--out", str(folder)]

@@ -21,6 +21,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, required=True, help="GiB this process may allocate on its GPU")
     args, rest = parser.parse_known_args()
+    if not torch.cuda.is_available():
+        parser.error("no GPU here: --gib caps a GPU's memory; run train.py itself on the CPU")
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     torch.cuda.set_per_process_memory_fraction(min(args.gib * 2**30 / total, 1.0))
     sys.path.insert(0, str(REPO))
