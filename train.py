@@ -81,6 +81,7 @@ from modules.signals import StopSignal
 from modules.sources import resolve_model_source
 from modules.tokens import count_label_tokens
 from modules.tracking import (
+    HostCopy,
     LogWindow,
     MetricsLog,
     finish_wandb,
@@ -174,6 +175,7 @@ class Run:
     losses: list[float]  # logged train losses, those before a resume included
     bar: object = None
     skipped_in_row: int = 0
+    pending: "StepOutcome | None" = None  # the last step's outcome, until the host reads it (settle)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -454,7 +456,7 @@ def fit(run: Run) -> str | None:
     while progress.optimizer_step < total_steps and stop_reason is None:
         step_loss = train_step(run, micro_batches)
         # The next step's rows are read (collated, copied to the device) while the GPU still works
-        # on this step: read after the step's sync point below, they left it idle ~5 ms a step.
+        # on this step: read after a sync point at the step's end, they left it idle ~5 ms a step.
         if progress.optimizer_step + 1 < total_steps:
             micro_batches = [next(batches) for _ in range(config.train.grad_accum_steps)]
 
@@ -463,21 +465,26 @@ def fit(run: Run) -> str | None:
         average_replicated_gradients(run.replicated)
         grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), config.train.max_grad_norm)
         lr = run.scheduler.get_last_lr()[0]
-        optimizer_step(run, step_loss, grad_norm)  # or a skipped step, when the loss or gradient is NaN/inf
+        finite = optimizer_step(run, step_loss, grad_norm)  # a NaN/inf loss or gradient skips the update
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         progress.optimizer_step += 1
         step = progress.optimizer_step
         run.bar.update(1)
 
-        if step % config.log.every_steps == 0 or step == total_steps:
-            log_step(run, step, lr, grad_norm)
+        # What the host learns of this step (skipped or not, its metrics line, a signal on another
+        # process) it reads one step later, from a copy queued now: reading it here would leave the
+        # GPU idle while the host queues the next step (~9 ms a step of 540, 8B model at 4 x 2,048
+        # tokens, one H200, 2026-12-02). Evaluations and checkpoints read it first.
+        outcome = queue_outcome(run, step, lr, finite, grad_norm)
+        settle(run)  # the previous step's
+        run.pending = outcome
         new_best, stop_reason = maybe_evaluate(run, step)
-        # Every process learns of a signal any of them got (one tiny all-reduce per step).
-        signalled = run.stop.requested(accelerator)
+        signalled = run.stop.requested(accelerator)  # a signal every process has learnt of by now
         maybe_checkpoint(run, step, signalled, new_best)
         if signalled:
             stop_reason = f"stopped by {signal.Signals(run.stop.signum).name}"
+    settle(run)
     run.stop.training = False  # a signal from here on lets the final save finish: it is the run's result
     run.bar.close()
     return stop_reason
@@ -492,7 +499,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> torch.Tensor:
     accelerator, model = run.accelerator, run.model
     accum = len(micro_batches)
     local_label_tokens = sum(count_label_tokens(batch["labels"]) for batch in micro_batches)
-    step_label_tokens = accelerator.reduce(local_label_tokens, "sum")  # all-reduce: one sync per step
+    step_label_tokens = accelerator.reduce(local_label_tokens, "sum")  # an all-reduce, no host wait
     step_loss = torch.zeros((), device=accelerator.device)
     for batch in micro_batches:
         with accelerator.accumulate(model):
@@ -508,34 +515,83 @@ def train_step(run: Run, micro_batches: list[dict]) -> torch.Tensor:
     return accelerator.reduce(step_loss, "sum")
 
 
-def optimizer_step(run: Run, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-    """Update the adapter, unless the loss or gradient is NaN/inf: that step is skipped and counted
-    (fp16's loss scaler handles its own overflows). Checking is a CPU-GPU sync point, once per step."""
-    finite = torch.isfinite(step_loss) & (torch.isfinite(grad_norm) | (run.accelerator.scaler is not None))
-    if finite.item():
+def optimizer_step(run: Run, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """Update the adapter unless the loss or gradient is NaN/inf; returns whether they were finite,
+    which `settle` counts a step later.
+
+    Fused AdamW skips a non-finite step on the device itself (its found_inf, as loss scalers use it:
+    weights, moments and step count untouched), so the host does not wait for the GPU here. Other
+    optimizers decide on the host, a CPU-GPU sync point; so does fp16, whose loss scaler handles
+    its own overflows (only its loss is checked here).
+    """
+    scaler = run.accelerator.scaler
+    finite = torch.isfinite(step_loss) & (torch.isfinite(grad_norm) | (scaler is not None))
+    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # inside accelerate's wrapper
+    if scaler is None and optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).float()
         run.optimizer.step()
-        run.window.add(step_loss)
-        run.skipped_in_row = 0
+    elif finite.item():
+        run.optimizer.step()
+    run.window.add(step_loss, finite)
+    return finite
+
+
+@dataclass
+class StepOutcome:
+    """What the host learns of an optimizer step after the GPU has done it (see fit)."""
+
+    step: int
+    lr: float
+    micro_step: int
+    values: HostCopy  # finite; with a metrics line the window's sums; under several processes the signal
+    elapsed: float | None  # the metrics window's seconds, when the step ends one
+
+
+def queue_outcome(run: Run, step: int, lr: float, finite: torch.Tensor, grad_norm: torch.Tensor) -> StepOutcome:
+    values, elapsed = {"finite": finite}, None
+    if step % run.config.log.every_steps == 0 or step == run.plan.total_steps:
+        sums, elapsed = run.window.take(run.accelerator)
+        values |= sums | {"grad_norm": grad_norm}
+    signal_flag = run.stop.flag(run.accelerator)
+    if signal_flag is not None:
+        values["signal"] = signal_flag
+    return StepOutcome(step, lr, run.progress.micro_step, HostCopy(values), elapsed)
+
+
+def settle(run: Run) -> None:
+    """Read the pending step's outcome: count it skipped or not (stopping a diverged run), write its
+    metrics line, and learn of a signal any process got."""
+    outcome, run.pending = run.pending, None
+    if outcome is None:
         return
-    run.progress.skipped_steps += 1
-    run.skipped_in_row += 1
-    if run.skipped_in_row >= run.config.train.max_skipped_steps_in_row:
-        raise UserError(
-            f"the loss or gradient was NaN/inf for {run.skipped_in_row} steps in a row (step "
-            f"{run.progress.optimizer_step + 1}); training diverged. Lower train.lr, check the data, or "
-            "use bf16 rather than fp16."
-        )
+    values = outcome.values.read()
+    if "signal" in values:
+        run.stop.agree(values["signal"])
+    if values["finite"]:
+        run.skipped_in_row = 0
+    else:
+        run.progress.skipped_steps += 1
+        run.skipped_in_row += 1
+        if run.skipped_in_row >= run.config.train.max_skipped_steps_in_row:
+            raise UserError(
+                f"the loss or gradient was NaN/inf for {run.skipped_in_row} steps in a row (step "
+                f"{outcome.step}); training diverged. Lower train.lr, check the data, or use bf16 rather than fp16."
+            )
+    if outcome.elapsed is not None:
+        log_step(run, outcome, values)
 
 
-def log_step(run: Run, step: int, lr: float, grad_norm: torch.Tensor) -> None:
-    """metrics.jsonl, W&B and the progress bar. Reading the window's sums is a CPU-GPU sync point."""
-    plan = run.plan
+def log_step(run: Run, outcome: StepOutcome, values: dict[str, float]) -> None:
+    """metrics.jsonl, W&B and the progress bar, from the sums the host read for `outcome`'s window."""
+    plan, step, lr = run.plan, outcome.step, outcome.lr
     record = run.window.record(
+        values,
+        outcome.elapsed,
         run.accelerator,
         step,
-        run.progress,
+        outcome.micro_step,
+        run.progress.skipped_steps,
         lr,
-        grad_norm,
         len(run.loader),
         run.started,
         plan.flops_per_token,
@@ -556,6 +612,7 @@ def maybe_evaluate(run: Run, step: int) -> tuple[bool, str | None]:
     config, progress, total_steps = run.config, run.progress, run.plan.total_steps
     if run.data.eval is None or not (step == total_steps or step % (config.eval.every_steps or total_steps) == 0):
         return False, None
+    settle(run)  # this step's metrics line first, and its skip counted
     rows_per_forward = config.eval.micro_batch_size or config.train.micro_batch_size
     result = evaluate(run.accelerator, run.model, run.data.eval, run.collate, rows_per_forward)
     run.metrics.write({"step": step, **result})
@@ -582,6 +639,7 @@ def maybe_checkpoint(run: Run, step: int, signalled: bool, new_best: bool) -> No
     keep_best, every = config.checkpoint.keep_best, config.checkpoint.every_steps
     if not (signalled or (every and step % every == 0 and step < run.plan.total_steps) or (new_best and keep_best)):
         return
+    settle(run)  # the checkpoint's progress counts this step's skip, if it was one
     best = checkpoint_dir(run.output_dir, progress.best_step) if keep_best and progress.best_step else None
     started = time.perf_counter()
     state_now, config_text = asdict(progress), dump_config(config)

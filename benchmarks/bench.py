@@ -329,6 +329,7 @@ def unsloth_profiler(args):
     profiler = profile(
         activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
         schedule=schedule(wait=warmup - 1, warmup=1, active=min(args.steps, 2), repeat=1),
+        record_shapes=True,
     )
     profiler.start()
     return profiler

@@ -18,6 +18,7 @@ or Perfetto).
 """
 
 import argparse
+import bisect
 import gzip
 import json
 import os
@@ -53,7 +54,9 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     steps: list[float] = []
     profiler = profile(
-        activities=activities, schedule=schedule(wait=args.skip - 1, warmup=1, active=args.active, repeat=1)
+        activities=activities,
+        schedule=schedule(wait=args.skip - 1, warmup=1, active=args.active, repeat=1),
+        record_shapes=True,  # for the matmuls' shapes
     )
 
     def step_done(*unused) -> None:  # every optimizer step of the run moves the profiler's schedule on
@@ -105,7 +108,8 @@ def report(profiler, out: Path, recorded: list[float], active: int, rank: int) -
     profiler.export_chrome_trace(str(trace))
     if torch.cuda.is_available():
         wall = (recorded[-1] - recorded[0]) * 1e3
-        kernels = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "kernel"]
+        events = json.loads(trace.read_text())["traceEvents"]
+        kernels = [e for e in events if e.get("cat") == "kernel"]
         by_family = Counter()
         for event in kernels:
             by_family[family(event.get("name", ""))] += event["dur"] / 1e3
@@ -115,12 +119,96 @@ def report(profiler, out: Path, recorded: list[float], active: int, rank: int) -
             f"rank {rank}, recorded {active} steps: wall {wall:.0f} ms, kernels {busy:.0f} ms "
             f"({busy / wall:.0%} of the wall time); ms by family: {split}"
         )
-        print(line, flush=True)
+        breakdown = matmuls_by_shape(events) + idle_gaps(events)
+        print("\n".join([*breakdown, line]), flush=True)
         with open(out / "ops.txt", "a") as handle:
-            handle.write(line + "\n")
+            handle.write("\n".join([*breakdown, line]) + "\n")
     with open(trace, "rb") as source, gzip.open(f"{trace}.gz", "wb") as target:
         shutil.copyfileobj(source, target)
     trace.unlink()
+
+
+def launching_ops(events: list[dict]) -> dict:
+    """The host op that launched each kernel, by the kernel's "External id"."""
+    return {
+        e["args"]["External id"]: e for e in events if e.get("cat") == "cpu_op" and "External id" in e.get("args", {})
+    }
+
+
+def matmul_flops(name: str, dims: list) -> float:
+    """2 M K N for a matrix product op, from its input shapes (0 for other ops)."""
+    shapes = [d for d in dims if isinstance(d, list) and len(d) in (2, 3)]
+    if name in ("aten::mm", "aten::addmm") and len(shapes) >= 2:
+        (m, k), (_, n) = shapes[-2][-2:], shapes[-1][-2:]
+        return 2.0 * m * k * n
+    if name in ("aten::bmm", "aten::baddbmm") and len(shapes) >= 2 and len(shapes[-1]) == 3:
+        (b, m, k), n = shapes[-2], shapes[-1][-1]
+        return 2.0 * b * m * k * n
+    return 0.0
+
+
+def matmuls_by_shape(events: list[dict], rows: int = 20) -> list[str]:
+    """Matmul kernels' time grouped by the op and input shapes that launched them, with the TFLOP/s
+    each shape reached: small, memory-bound products (LoRA's rank-r ones) show up as low rates."""
+    ops = launching_ops(events)
+    time, calls, flops, counted = Counter(), Counter(), Counter(), set()
+    for kernel in (e for e in events if e.get("cat") == "kernel" and family(e.get("name", "")) == "matmul"):
+        op = ops.get(kernel.get("args", {}).get("External id"))
+        name = op["name"] if op else "(no host op)"
+        dims = op["args"].get("Input Dims", []) if op else []
+        key = (name, json.dumps(dims))
+        time[key] += kernel["dur"] / 1e3
+        if op is not None and id(op) not in counted:  # an op's several kernels (split-K) count one call
+            counted.add(id(op))
+            calls[key] += 1
+            flops[key] += matmul_flops(name, dims)
+    lines = ["matmul kernels by launching op and input shapes: ms, calls, TFLOP/s"]
+    for key, ms in time.most_common(rows):
+        rate = f"{flops[key] / (ms / 1e3) / 1e12:.0f}" if flops[key] else "-"
+        lines.append(f"{ms:9.1f} {calls[key]:6d} {rate:>6}  {key[0]} {key[1]}")
+    return lines
+
+
+def idle_gaps(events: list[dict], threshold_us: float = 10.0, rows: int = 15) -> list[str]:
+    """Where the GPU waited on the host: each gap over `threshold_us` between one kernel (or copy)
+    ending and the next starting, charged to the host op that launched the next one, and to the
+    outermost op running on that thread when it was launched."""
+    work = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    if not work:
+        return []
+    ops = launching_ops(events)
+    launches = {
+        e["args"]["correlation"]: e
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
+    }
+    outermost: dict = {}  # thread -> [(start, end, name)] of ops no other op on that thread holds
+    host_ops = (e for e in events if e.get("cat") in ("cpu_op", "user_annotation"))
+    for op in sorted(host_ops, key=lambda e: (e["ts"], -e["dur"])):
+        spans = outermost.setdefault(op["tid"], [])
+        if not spans or op["ts"] >= spans[-1][1]:
+            spans.append((op["ts"], op["ts"] + op["dur"], op["name"]))
+
+    def outer(launch: dict | None) -> str:
+        spans = outermost.get(launch["tid"], []) if launch else []
+        at = bisect.bisect_right(spans, (launch["ts"], float("inf"), "")) - 1 if launch else -1
+        return spans[at][2] if at >= 0 and spans[at][1] >= launch["ts"] else "(none)"
+
+    waited, gaps, total = Counter(), Counter(), 0.0
+    busy_until = work[0]["ts"] + work[0]["dur"]
+    for item in work[1:]:
+        gap = item["ts"] - busy_until
+        if gap > threshold_us:
+            args = item.get("args", {})
+            op = ops.get(args.get("External id"))
+            key = f"{outer(launches.get(args.get('correlation')))} <- {op['name'] if op else '(no host op)'}"
+            waited[key] += gap / 1e3
+            gaps[key] += 1
+            total += gap / 1e3
+        busy_until = max(busy_until, item["ts"] + item["dur"])
+    lines = [f"GPU idle in gaps over {threshold_us:.0f} us: {total:.1f} ms; by outermost host op <- launching op"]
+    lines += [f"{ms:9.1f} {gaps[key]:6d}  {key}" for key, ms in waited.most_common(rows)]
+    return lines
 
 
 def memory_at_peak(snapshot: dict, rows: int = 40) -> list[str]:

@@ -80,7 +80,12 @@ class QuantConfig(Section):
 class LoraSettings(Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scale numerator: the update is scaled by alpha / r.")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    dropout: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the LoRA input (in compiled layers one mask per input: q/k/v share one, gate/up one).",
+    )
     target_modules: list[str] = Field(
         default_factory=lambda: list(ALL_PROJECTIONS), description="Linear layers that get an adapter."
     )

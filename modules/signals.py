@@ -12,6 +12,7 @@ class StopSignal:
 
     def __init__(self):
         self.signum: int | None = None
+        self.agreed = False  # every process has learnt of a signal (several processes)
         self.training = True
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
@@ -27,14 +28,26 @@ class StopSignal:
         )
         print(f"\n{signal.Signals(signum).name}: {doing} (signal again to exit now).", file=sys.stderr, flush=True)
 
-    def requested(self, accelerator) -> bool:
-        """True on every process once any process got a signal (one tiny all-reduce per step)."""
+    def flag(self, accelerator):
+        """Under several processes, this process's signal reduced over all of them (the highest), a
+        tensor the loop reads a step later (`agree`), so that every process stops at the same step
+        without the host waiting on the GPU. None for one process, which reads its own at once."""
         import torch
 
-        flag = torch.tensor(float(self.signum or 0), device=accelerator.device)
-        received = int(accelerator.reduce(flag, "max").item())
-        self.signum = self.signum or (received or None)
-        return received > 0
+        if accelerator.num_processes == 1:
+            return None
+        return accelerator.reduce(torch.full((), float(self.signum or 0), device=accelerator.device), "max")
+
+    def agree(self, received: float) -> None:
+        """Take in a reduced flag (see `flag`): a signal any process got."""
+        if received > 0:
+            self.signum = self.signum or int(received)
+            self.agreed = True
+
+    def requested(self, accelerator) -> bool:
+        """True once every process knows of a signal: at once for one process, a step after it came
+        for several."""
+        return self.signum is not None if accelerator.num_processes == 1 else self.agreed
 
     @staticmethod
     def restore() -> None:

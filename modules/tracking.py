@@ -169,55 +169,90 @@ def training_flops_per_token(matmul_params: int, attention_width: int, mean_row_
     return 4 * matmul_params + 12 * attention_width * attended
 
 
+class HostCopy:
+    """Scalars the GPU computed, copied to the host without waiting for them: `read` waits only for
+    the copy, which the loop asks for a step later, when it has long landed. On the CPU the values
+    are there at once."""
+
+    def __init__(self, values: dict[str, torch.Tensor]):
+        self.names = list(values)
+        device = next(iter(values.values())).device  # under device_map the gradient norm may be elsewhere
+        stacked = torch.stack([value.detach().to(device, torch.float64).reshape(()) for value in values.values()])
+        self.event = None
+        if stacked.is_cuda:
+            self.host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            self.host.copy_(stacked, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = stacked
+
+    def read(self) -> dict[str, float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return dict(zip(self.names, self.host.tolist(), strict=True))
+
+
 class LogWindow:
-    """Loss and tokens since the last logged step. record() reduces the tokens over processes."""
+    """Loss and tokens since the last metrics line, summed on the device (no sync per step)."""
 
     def __init__(self, device: torch.device):
-        self.loss = torch.zeros((), device=device)
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.steps = torch.zeros((), device=device, dtype=torch.long)  # the finite ones
         self.tokens = torch.zeros((), device=device, dtype=torch.long)
-        self.steps, self.tokens_seen, self.start = 0, 0, time.perf_counter()
+        self.tokens_seen, self.start = 0, time.perf_counter()
 
-    def add(self, step_loss: torch.Tensor) -> None:
-        """Count a finite optimizer step's loss (already summed over processes)."""
-        self.loss += step_loss
-        self.steps += 1
+    def add(self, step_loss: torch.Tensor, finite: torch.Tensor) -> None:
+        """Count an optimizer step's loss (already summed over processes) unless it was NaN/inf."""
+        self.loss += torch.where(finite, step_loss.to(self.loss.dtype), 0)
+        self.steps += finite
+
+    def take(self, accelerator) -> tuple[dict[str, torch.Tensor], float]:
+        """The window's sums (tokens reduced over processes) and its seconds, then a new window."""
+        sums = {
+            "loss_sum": self.loss.clone(),
+            "finite_steps": self.steps.clone(),
+            "tokens": accelerator.reduce(self.tokens.clone(), "sum"),
+        }
+        elapsed = time.perf_counter() - self.start
+        self.loss.zero_()
+        self.steps.zero_()
+        self.tokens.zero_()
+        self.start = time.perf_counter()
+        return sums, elapsed
 
     def record(
         self,
+        values: dict[str, float],
+        elapsed: float,
         accelerator,
         step: int,
-        progress,
+        micro_step: int,
+        skipped_steps: int,
         lr: float,
-        grad_norm,
         batches_per_epoch: int,
         run_start: float,
         flops_per_token: float,
         peak: float | None,
     ) -> dict:
-        # .item() is a CPU-GPU sync point, paid once per logged step.
-        tokens = accelerator.reduce(self.tokens, "sum").item()
-        elapsed = time.perf_counter() - self.start
-        norm = float(grad_norm)
-        record = {
+        """The metrics line of a window, from its sums as the host read them (`values`)."""
+        tokens, norm = int(values["tokens"]), values["grad_norm"]
+        self.tokens_seen += tokens
+        return {
             "step": step,
-            "micro_step": progress.micro_step,
-            "epoch": round(progress.micro_step / batches_per_epoch, 4),
-            "loss": self.loss.item() / self.steps if self.steps else None,
+            "micro_step": micro_step,
+            "epoch": round(micro_step / batches_per_epoch, 4),
+            "loss": values["loss_sum"] / values["finite_steps"] if values["finite_steps"] else None,
             "lr": lr,
             "grad_norm": norm if math.isfinite(norm) else None,
             "tokens": tokens,  # real (non-padding) tokens since the last record, all processes
             "tokens_per_s": tokens / elapsed,
             "mfu": mfu(tokens / elapsed, flops_per_token, peak, accelerator.num_processes),
-            "skipped_steps": progress.skipped_steps,
+            "skipped_steps": skipped_steps,
             "peak_memory_gib": round(peak_memory_gib(accelerator.device), 3),
             "peak_memory_gib_by_gpu": peak_memory_by_gpu(accelerator),
             "elapsed_s": round(time.perf_counter() - run_start, 2),
         }
-        self.tokens_seen += tokens
-        self.loss.zero_()
-        self.tokens.zero_()
-        self.steps, self.start = 0, time.perf_counter()
-        return record
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None, processes: int) -> float | None:

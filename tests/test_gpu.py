@@ -308,3 +308,45 @@ def test_same_length_rows_keep_grouped_heads_unrepeated_in_less_memory_on_the_gp
             assert (ours - reference).norm() / reference.norm() < 1e-2
         print(f"step peak: repeated heads {repeated_peak / 2**20:.0f}, grouped {peak / 2**20:.0f} MiB")
         assert peak < repeated_peak - 32 * 2**20  # the repeated K and V alone are 2 x 48 MiB more
+
+
+def test_the_step_boundary_never_waits_for_the_gpu(tmp_path, tiny_model_dir, chat_file, monkeypatch):
+    """Between one step's backward and the next step's forward the host queues the optimizer step and
+    reads the last step's outcome from a copy already landed, never a value the GPU is still computing:
+    no synchronizing CUDA call from the loop's own code (train.py, modules/tracking.py,
+    modules/signals.py) while it trains. A NaN step is still skipped, counted and logged."""
+    import warnings
+
+    from test_runs import nan_on_forward
+    from test_train import train_in_process
+
+    import train as train_script
+
+    nan_on_forward(monkeypatch, bad_calls={3})
+    real_fit = train_script.fit
+    recorded = []
+
+    def fit(run):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                return real_fit(run)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            recorded.extend(caught)
+
+    monkeypatch.setattr(train_script, "fit", fit)
+    # Checkpointing set, not auto: auto's probe steps would run forwards before the first step.
+    overrides = ("train.max_steps=6", "train.grad_checkpointing=true")
+    result = train_in_process(tmp_path, tiny_model_dir, chat_file, "run", *overrides)
+    syncs = [w for w in recorded if "synchronizing" in str(w.message)]
+    # The mode was on and names the Python line that waited: the loss's selection of labelled tokens
+    # (a boolean index) still does.
+    assert any(w.filename.endswith("modules/loss.py") for w in syncs), [w.filename for w in syncs]
+    loop_files = ("train.py", "tracking.py", "signals.py")
+    at_boundary = [f"{w.filename}:{w.lineno}" for w in syncs if w.filename.endswith(loop_files)]
+    assert not at_boundary, at_boundary
+    records = read_metrics(result.output_dir)
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 1]
+    assert records[2]["loss"] is None and all(r["loss"] is not None for r in records if r["step"] != 3)

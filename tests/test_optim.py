@@ -6,6 +6,8 @@ import torch
 from modules.config import TrainConfig
 from modules.optim import build_optimizer, build_scheduler, parameter_groups, total_optimizer_steps
 
+CPU = torch.device("cpu")
+
 
 def lrs(lr, warmup, total, min_ratio):
     parameter = torch.nn.Parameter(torch.zeros(2, 2))
@@ -124,3 +126,39 @@ def test_adamw_runs_fused_and_takes_the_multi_tensor_steps():
     for ours, reference in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6)
     assert (model[0].weight - start).abs().max() > 1e-2  # five steps of lr 1e-2 moved the weights
+
+
+def test_a_nan_step_is_skipped_on_the_device_and_left_out_of_the_logged_loss():
+    """train.optimizer_step hands fused AdamW the step's finiteness (its found_inf) instead of reading
+    it on the host: a NaN step leaves weights, moments and step count as they were, and the metrics
+    window sums only the finite steps' losses."""
+    from types import SimpleNamespace
+
+    import train as train_script
+    from modules.tracking import HostCopy, LogWindow
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
+    run = SimpleNamespace(accelerator=SimpleNamespace(scaler=None), optimizer=optimizer, window=LogWindow(CPU))
+    losses = []
+    for step in range(3):
+        optimizer.zero_grad()
+        loss = model(torch.randn(16, 8)).square().mean() * (float("nan") if step == 1 else 1.0)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if step == 1:
+            before = {"weight": model.weight.detach().clone(), **optimizer.state[model.weight]}
+            before = {name: value.clone() for name, value in before.items()}
+        finite = train_script.optimizer_step(run, loss.detach(), norm)
+        assert bool(finite) is (step != 1)
+        if step == 1:
+            assert torch.equal(model.weight, before["weight"])
+            for name in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(optimizer.state[model.weight][name], before[name]), name
+        else:
+            losses.append(loss.item())
+    assert optimizer.state[model.weight]["step"].item() == 2
+    sums, _ = run.window.take(SimpleNamespace(reduce=lambda tensor, op: tensor))
+    read = HostCopy(sums).read()
+    assert read["finite_steps"] == 2 and read["loss_sum"] == pytest.approx(sum(losses))
