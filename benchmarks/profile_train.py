@@ -9,8 +9,13 @@ The first --skip optimizer steps run unprofiled (loading, warmup, allocator grow
 the wall time against the GPU's kernel time, split by kernel family (matmuls, NF4 dequantization,
 attention, compiled Triton kernels, other elementwise kernels, NCCL collectives; collectives run on
 their own stream, so they overlap compute or not). Kernels far below the wall time with few
-collectives means the GPU waits on the host; with many, on the other GPUs. bench.py --profile uses
-the same summary for Unsloth's loop. With --memory, the GPU's allocations are recorded too, and
+collectives means the GPU waits on the host; with many, on the other GPUs. The wall time runs
+between CUDA events recorded at the optimizer steps (a synchronize there would idle the GPU at every
+step, which the loop avoids); the loop queues the next step before the GPU has finished this one, so
+the recorded kernels can include some of the step after and add up to a little over the wall time.
+Two more tables: the matmul kernels by the shapes of the op that launched them, with the TFLOP/s
+each reached, and the GPU's idle gaps by the host op that launched the kernel after each one.
+bench.py --profile uses the same summary for Unsloth's loop. With --memory, the GPU's allocations are recorded too, and
 memory.txt says what was live at the highest point of allocated memory, by where it was allocated.
 Under a multi-process launch every process records its own steps into --out/rank-N; the main
 process prints its table. The Chrome trace goes to trace.json.gz there (open it in chrome://tracing
@@ -52,7 +57,7 @@ def main() -> None:
     import train
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    steps: list[float] = []
+    steps: list = []  # CUDA events on GPUs, else host times
     profiler = profile(
         activities=activities,
         schedule=schedule(wait=args.skip - 1, warmup=1, active=args.active, repeat=1),
@@ -60,9 +65,14 @@ def main() -> None:
     )
 
     def step_done(*unused) -> None:  # every optimizer step of the run moves the profiler's schedule on
+        # An event in the stream, not a synchronize: the loop queues the next step while the GPU
+        # still works on this one, and waiting here would put back the idle time it removed.
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        steps.append(time.perf_counter())
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            steps.append(event)
+        else:
+            steps.append(time.perf_counter())
         profiler.step()
 
     register_optimizer_step_post_hook(step_done)
@@ -95,7 +105,7 @@ def family(kernel: str) -> str:
     return next((label for label, keys in FAMILIES if any(key in name for key in keys)), "other elementwise")
 
 
-def report(profiler, out: Path, recorded: list[float], active: int, rank: int) -> None:
+def report(profiler, out: Path, recorded: list, active: int, rank: int) -> None:
     """Write ops.txt (and print it on the main process), then the trace, then one summary line:
     the recorded steps' wall time against the GPU's kernel time, by kernel family."""
     events = profiler.key_averages()
@@ -107,7 +117,7 @@ def report(profiler, out: Path, recorded: list[float], active: int, rank: int) -
     trace = out / "trace.json"
     profiler.export_chrome_trace(str(trace))
     if torch.cuda.is_available():
-        wall = (recorded[-1] - recorded[0]) * 1e3
+        wall = wall_ms(recorded)
         events = json.loads(trace.read_text())["traceEvents"]
         kernels = [e for e in events if e.get("cat") == "kernel"]
         by_family = Counter()
@@ -126,6 +136,15 @@ def report(profiler, out: Path, recorded: list[float], active: int, rank: int) -
     with open(trace, "rb") as source, gzip.open(f"{trace}.gz", "wb") as target:
         shutil.copyfileobj(source, target)
     trace.unlink()
+
+
+def wall_ms(recorded: list) -> float:
+    """Milliseconds between the first and last recorded step ends: CUDA events (the GPU's timeline)
+    or host times (a loop that synchronizes each step, such as bench.py's for Unsloth)."""
+    if isinstance(recorded[0], torch.cuda.Event):
+        recorded[-1].synchronize()
+        return recorded[0].elapsed_time(recorded[-1])
+    return (recorded[-1] - recorded[0]) * 1e3
 
 
 def launching_ops(events: list[dict]) -> dict:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -229,3 +230,57 @@ def test_compiled_decoder_layers_under_ddp_train_like_one_eager_process(tmp_path
     assert one.returncode == 0, one.stderr[-3000:]
     for a, b in zip(read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+
+
+def rank_pid(launcher: int, rank: int) -> int | None:
+    """The process of `rank` under an accelerate launch (its RANK in /proc/PID/environ)."""
+    for pid in descendants(launcher):
+        with contextlib.suppress(OSError):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ and b"LOCAL_RANK" in b" ".join(environ):
+                return pid
+    return None
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_path, tiny_model_dir, chat_file):
+    """Each process reads the reduced stop flag of a step one step later; a SIGTERM to rank 1 alone
+    still has both ranks write one checkpoint of the same step and stop."""
+    output_dir = tmp_path / "run"
+    config = write_config(
+        tmp_path / "run.yaml",
+        tiny_model_dir,
+        chat_file,
+        output_dir,
+        train={"max_steps": 400},
+        checkpoint={"every_steps": None},
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
+    env["ACCELERATE_USE_CPU"] = "true"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--main_process_port", str(free_port()), str(REPO / "train.py")]
+    launch = subprocess.Popen(
+        [*command, "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        metrics, deadline = output_dir / "metrics.jsonl", time.time() + 240
+        while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.2)
+        second = rank_pid(launch.pid, 1)
+        assert second is not None, "rank 1 not found"
+        os.kill(second, signal.SIGTERM)
+        stdout, stderr = launch.communicate(timeout=240)
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+    assert launch.returncode != 0  # the ranks exit 128 + SIGTERM
+    assert "Stopped by SIGTERM" in stdout, stderr[-3000:]  # rank 0, which learnt of it from rank 1
+    last_step = read_metrics(output_dir)[-1]["step"]
+    assert 3 <= last_step < 400
+    (checkpoint,) = (output_dir / "checkpoints").iterdir()  # one, written by both ranks together
+    assert checkpoint.name == f"step-{last_step:06d}"
+    assert (checkpoint / "rng-00000.safetensors").is_file() and (checkpoint / "rng-00001.safetensors").is_file()
