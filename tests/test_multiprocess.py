@@ -27,6 +27,11 @@ def free_port() -> int:
 
 
 def launch_two_cpu_ranks(*args: str) -> subprocess.CompletedProcess:
+    return run_process_group(*two_cpu_ranks(*args))
+
+
+def two_cpu_ranks(*args: str) -> tuple[list[str], dict]:
+    """The command and environment of a two-rank CPU launch of train.py."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
     env["ACCELERATE_USE_CPU"] = "true"  # with --multi_gpu: two connected ranks on gloo, no GPU needed
     command = [
@@ -43,7 +48,7 @@ def launch_two_cpu_ranks(*args: str) -> subprocess.CompletedProcess:
         str(REPO / "train.py"),
         *args,
     ]
-    return run_process_group(command, env)
+    return command, env
 
 
 def descendants(pid: int) -> list[int]:
@@ -254,12 +259,9 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_
         train={"max_steps": 400},
         checkpoint={"every_steps": None},
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_"))}
-    env["ACCELERATE_USE_CPU"] = "true"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command += ["--num_machines", "1", "--main_process_port", str(free_port()), str(REPO / "train.py")]
+    command, env = two_cpu_ranks("--config", str(config))
     launch = subprocess.Popen(
-        [*command, "--config", str(config)],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
