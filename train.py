@@ -479,6 +479,8 @@ def fit(run: Run) -> str | None:
         outcome = queue_outcome(run, step, lr, finite, grad_norm)
         settle(run)  # the previous step's
         run.pending = outcome
+        if step == total_steps:
+            settle(run)  # no next step to queue meanwhile: the last line is written before the end
         new_best, stop_reason = maybe_evaluate(run, step)
         signalled = run.stop.requested(accelerator)  # a signal every process has learnt of by now
         maybe_checkpoint(run, step, signalled, new_best)
