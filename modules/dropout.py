@@ -8,14 +8,14 @@ compiled layers recompute it inside the backward kernels that read it, and nothi
 
 What backward still reads is the dropped input itself (LoRA A's gradient is taken against it), one
 more activation per input beside the input itself (projections that read one input share one mask,
-SHARED_INPUTS below). `recompute_dropped_inputs`
-makes the compiled layers compute it again in backward from the input and the seed instead (a
-checkpoint around the dropout, which the compiler's partitioner must honour). On an 8B model at 4 x
-2,048 tokens and dropout 0.05 that took the step from 40.2 to 30.9 GiB (dropout 0: 30.7) and from
-15,310 to 14,738-14,860 tokens/s (benchmarks/README.md, 2026-12-01). Not the hash: compiled, it
-dropped an 8,192 x 14,336 bf16 input in 0.130 ms against 0.116 for a scaled copy, so running it again
-over a layer's 38,912 input elements a token accounts for ~11 of the ~40 ms a step lost; the rest is
-not profiled. So it is auto recompute's second rung, taken only where keeping them does not fit.
+SHARED_INPUTS below). `recompute_dropped_inputs` makes the compiled layers compute it again in
+backward from the input and the seed instead (a checkpoint around the dropout, which the compiler's
+partitioner must honour). On an 8B model at 4 x 2,048 tokens and dropout 0.05 that took the step
+from 37.1 to 24.4 GiB (dropout 0: 30.7) and from 15,512 to 14,197 tokens/s (benchmarks/README.md,
+2026-12-02; with a mask per projection, 40.2 to 30.9 GiB and 15,310 to 14,738-14,860). Not the
+hash: compiled, it dropped an 8,192 x 14,336 bf16 input in 0.130 ms against 0.116 for a scaled copy;
+the rest of the cost is not profiled. So it is auto recompute's second rung, taken only where
+keeping them does not fit.
 
 Each dropout module holds its seed in a buffer (not saved with the adapter). Before each training
 forward, `reseed` sets every seed to the module's own base plus one number drawn from torch's CPU
