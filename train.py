@@ -486,7 +486,6 @@ def fit(run: Run) -> str | None:
         maybe_checkpoint(run, step, signalled, new_best)
         if signalled:
             stop_reason = f"stopped by {signal.Signals(run.stop.signum).name}"
-    settle(run)
     run.stop.training = False  # a signal from here on lets the final save finish: it is the run's result
     run.bar.close()
     return stop_reason
