@@ -147,7 +147,8 @@ class TrainConfig(Section):
         "compiled layers and samples averaging 24,576 tokens or more, each layer's attention output too, so "
         "backward runs no attention forward. auto, on "
         "one GPU per process: one probe step on the heaviest micro-batch for off, then off with LoRA dropout's "
-        "dropped inputs recomputed in backward (compiled layers, dropout above 0), then true, then offload, then "
+        "dropped inputs recomputed in backward (compiled layers, dropout above 0), then the same with matmuls and "
+        "attention forwards recomputed where the compiler finds them cheapest, then true, then offload, then "
         "offload with MLPs in tiles of 8192 tokens, keeping the first within 90% of the GPU's memory; true on the "
         "CPU, under FSDP and under device_map.",
     )

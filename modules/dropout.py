@@ -11,11 +11,10 @@ more activation per input beside the input itself (projections that read one inp
 SHARED_INPUTS below). `recompute_dropped_inputs` makes the compiled layers compute it again in
 backward from the input and the seed instead (a checkpoint around the dropout, which the compiler's
 partitioner must honour). On an 8B model at 4 x 2,048 tokens and dropout 0.05 that took the step
-from 37.1 to 24.4 GiB (dropout 0: 30.7) and from 15,512 to 14,197 tokens/s (benchmarks/README.md,
-2026-12-02; with a mask per projection, 40.2 to 30.9 GiB and 15,310 to 14,738-14,860). Not the
-hash: compiled, it dropped an 8,192 x 14,336 bf16 input in 0.130 ms against 0.116 for a scaled copy;
-the rest of the cost is not profiled. So it is auto recompute's second rung, taken only where
-keeping them does not fit.
+from 37.2 to 30.7 GiB, the same as dropout 0, at 15,599 against 15,581 tokens/s (one H200,
+benchmarks/README.md, 2026-12-02): auto recompute's second rung, taken where keeping them does not
+fit. (Under a fractional activation memory budget, 24.4 GiB at 14,210 tokens/s: the compiler
+recomputed attention forwards and matmuls too. That is auto's third rung, modules.recompute.)
 
 Each dropout module holds its seed in a buffer (not saved with the adapter). Before each training
 forward, `reseed` sets every seed to the module's own base plus one number drawn from torch's CPU
@@ -56,7 +55,10 @@ def keep_mask(seed: torch.Tensor, shape: torch.Size, p: float, device: torch.dev
 class SeededDropout(torch.nn.Dropout):
     """nn.Dropout with the mask a function of `seed` and the element's index (see the module docstring)."""
 
-    recompute_input = False  # True: backward computes the dropped input again rather than keeping it
+    # 0: backward keeps the dropped input; 1 or 2: computes it again (auto recompute's rungs,
+    # modules.recompute: 2 compiles under a memory budget; the compiled layers read this value and so
+    # compile again when it changes).
+    recompute_input = 0
 
     def __init__(self, p: float, base_seed: int):
         super().__init__(p)
@@ -129,11 +131,12 @@ def use_plain_dropout(module: torch.nn.Module) -> None:
                     dropouts[name] = torch.nn.Dropout(dropout.p).train(dropout.training)
 
 
-def recompute_dropped_inputs(model: torch.nn.Module, recompute: bool) -> None:
-    """Whether every SeededDropout of `model` has backward compute its dropped input again (less memory,
-    more time; see the module docstring). Compiled layers compile again when this changes."""
+def recompute_dropped_inputs(model: torch.nn.Module, level: int) -> None:
+    """Whether every SeededDropout of `model` has backward compute its dropped input again (level 1 or
+    2: less memory; see the module docstring) or keep it (0). Compiled layers compile again when the
+    level changes."""
     for dropout in seeded_dropouts(model):
-        dropout.recompute_input = recompute
+        dropout.recompute_input = int(level)
 
 
 def seeded_dropouts(model: torch.nn.Module) -> list[SeededDropout]:

@@ -23,6 +23,7 @@ from modules.packing import VARLEN, register_varlen_attention
 from modules.recompute import (
     checkpoint_in_graph,
     decoder_layers,
+    recompute_in_compiled_layers,
     resolve_recompute,
     set_checkpointing,
     tile_decoder_mlps,
@@ -44,25 +45,18 @@ def resolve_compile(config: RunConfig, device: torch.device) -> bool:
     return choice
 
 
-# What a compiled layer keeps for backward: the compiler's partitioner recomputes work in backward
-# until the kept activations are this fraction of the way from the least it could keep to all of
-# them, recomputing the cheapest first (elementwise work: RMSNorm, RoPE, SwiGLU's product, the
-# seeded dropout masks) and matmuls only below that. Left at 1, it keeps SwiGLU's product for the
-# LoRA of down_proj and every dropout mask and dropped input (benchmarks/README.md, 2026-11-30).
-ACTIVATION_MEMORY_BUDGET = 0.7
-
-
 def compile_decoder_layers(model: torch.nn.Module, checkpoint_inside: bool = False) -> int:
     """torch.compile each decoder layer in place (module names, and so the saved adapter, unchanged).
 
     The layers share one compiled graph (same code, parameters passed as inputs), so compiling
     costs about one layer's time however deep the model. The loss stays outside. Generation runs
-    eager (modules.generation), where a KV cache would recompile per step. The budget is the
-    compiler's global setting; the decoder layers are all this process compiles. With
+    eager (modules.generation), where a KV cache would recompile per step. What the layers keep for
+    backward is the compiler's global setting (modules.recompute.recompute_in_compiled_layers): the
+    decoder layers are all this process compiles with a backward. With
     `checkpoint_inside` (not under FSDP, whose hooks wrap the layer), a checkpointed layer holds its
     checkpoint in the graph, which may then keep the attention's outputs (modules.recompute).
     """
-    torch._functorch.config.activation_memory_budget = ACTIVATION_MEMORY_BUDGET
+    recompute_in_compiled_layers()
     layers = decoder_layers(model)
     if not layers:
         name = type(model.get_base_model()).__name__
@@ -72,24 +66,7 @@ def compile_decoder_layers(model: torch.nn.Module, checkpoint_inside: bool = Fal
         if checkpoint_inside:
             checkpoint_in_graph(layer)
         layer.compile()
-        if checkpoint_inside:
-            layer._compiled_call_impl = whole_budget_when_keeping_attention(layer, layer._compiled_call_impl)
     return len(layers)
-
-
-def whole_budget_when_keeping_attention(layer: torch.nn.Module, compiled_call):
-    """A layer that keeps its attention's outputs compiles under a budget of 1. Its checkpoint
-    recomputes everything else anyway, and a budget below 1 there fails in the compiler (torch
-    2.13, on the CPU: the kept attention's tuple of outputs reaches the graph's outputs as a tuple).
-    The budget is read when a graph compiles; a compiled graph keeps what it was compiled with."""
-
-    def call(*args, **kwargs):
-        if not layer.keeps_attention:
-            return compiled_call(*args, **kwargs)
-        with torch._functorch.config.patch(activation_memory_budget=1.0):
-            return compiled_call(*args, **kwargs)
-
-    return call
 
 
 def load_tokenizer(source: str):

@@ -19,7 +19,7 @@ from modules.hardware import Precision
 from modules.loss import CHUNK_TOKENS, SUPPORTED
 from modules.model import ModelSummary
 from modules.packing import VARLEN
-from modules.recompute import RECOMPUTE_WORDS, RecomputeChoice
+from modules.recompute import LEANEST_BUDGET, MATMULS_RECOMPUTED_TOO, RECOMPUTE_WORDS, RecomputeChoice
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,8 @@ class Plan:
         return {
             "grad_checkpointing": choice.mode,
             "tiled_mlp": choice.tiled,
-            "lora_dropout_inputs_recomputed": choice.dropout_recomputed,
+            "lora_dropout_inputs_recomputed": bool(choice.dropout_recomputed),
+            "matmuls_recomputed": choice.dropout_recomputed == MATMULS_RECOMPUTED_TOO,
             "compile": self.compiled,
         }
 
@@ -154,8 +155,8 @@ def recompute_line(plan: Plan) -> str:
     choice = plan.recompute
     if choice is None:
         return (
-            "auto (one probe step after loading picks off, off with LoRA dropout's inputs recomputed, on, offload, "
-            "or offload with tiled MLPs)"
+            "auto (one probe step after loading picks off, off with LoRA dropout's inputs recomputed, the same "
+            "with matmuls recomputed too, on, offload, or offload with tiled MLPs)"
         )
     words = RECOMPUTE_WORDS[choice.mode]
     if choice.mode == "offload" and plan.device.type != "cuda":
@@ -164,6 +165,9 @@ def recompute_line(plan: Plan) -> str:
         words += ", attention outputs with them (backward runs no attention forward)"
     if choice.dropout_recomputed:
         words += ", LoRA dropout's dropped inputs computed again in backward rather than kept"
+    if choice.dropout_recomputed == MATMULS_RECOMPUTED_TOO:
+        cheapest = f"where the compiler finds them cheapest (its activation memory budget {LEANEST_BUDGET})"
+        words += f", and matmuls and attention forwards {cheapest}"
     if choice.mode and plan.loaded is not None and plan.loaded.graph_tiles > 1:
         words += f", MLPs in {plan.loaded.graph_tiles} tiles of the micro-batch's tokens inside the compiled graph"
     return f"{words} ({choice.why})" if choice.why else words

@@ -189,22 +189,49 @@ def activation_offload(recompute: Recompute, model: torch.nn.Module, device: tor
 # train.grad_checkpointing auto tries these rungs in order and keeps the first whose step fits the
 # GPU: fastest first (no recompute), leanest last (recompute, layer inputs in CPU memory, and the
 # MLPs in tiles of AUTO_TILE_TOKENS, the tile measured on an 8B model: benchmarks/README.md).
-# The second rung recomputes only what seeded LoRA dropout drops (modules.dropout): on an 8B model
-# at 4 x 2,048 tokens and dropout 0.05, 30.9 GiB instead of 40.2 at 0.96-0.97x the speed, where
-# checkpointing whole layers gives 0.77x (benchmarks/README.md, 2026-12-01).
+# The second and third rungs recompute what seeded LoRA dropout drops (modules.dropout), the third
+# also matmuls and attention forwards where the compiler's partitioner finds them cheapest, down to
+# LEANEST_BUDGET of its activations. On an 8B model at 4 x 2,048 tokens and dropout 0.05 (one
+# H200, 2026-12-02): off 37.2 GiB at 15,599 tokens/s; second rung 30.7 GiB at 15,581; third 24.4
+# GiB at 14,210; checkpointing whole layers 11.2 GiB at 12,019 (benchmarks/README.md).
 AUTO_TILE_TOKENS = 8192
 
 
-Rung = tuple[Recompute, int | None, bool]  # (recompute, tokens per MLP tile or None, dropout's inputs recomputed)
+# A rung's third element: what backward does about seeded LoRA dropout's dropped inputs.
+DROPPED_KEPT, DROPPED_RECOMPUTED, MATMULS_RECOMPUTED_TOO = 0, 1, 2
+
+
+Rung = tuple[Recompute, int | None, int]  # (recompute, tokens per MLP tile or None, DROPPED_...)
 
 
 RECOMPUTE_LADDER: tuple[Rung, ...] = (
-    (False, None, False),
-    (False, None, True),
-    (True, None, False),
-    ("offload", None, False),
-    ("offload", AUTO_TILE_TOKENS, False),
+    (False, None, DROPPED_KEPT),
+    (False, None, DROPPED_RECOMPUTED),
+    (False, None, MATMULS_RECOMPUTED_TOO),
+    (True, None, DROPPED_KEPT),
+    ("offload", None, DROPPED_KEPT),
+    ("offload", AUTO_TILE_TOKENS, DROPPED_KEPT),
 )
+
+
+# What compiled layers keep for backward. Their partitioner recomputes in backward any elementwise
+# work (RMSNorm, RoPE, SwiGLU's product, seeded dropout's masks) however far from where backward reads
+# it, never a matmul or an attention kernel: its defaults kept SwiGLU's product for down_proj's LoRA
+# and every dropout mask and dropped input (benchmarks/README.md, 2026-11-30). A fractional activation
+# memory budget (tried before: 0.7 of the way from the least it could keep to all) recomputes elementwise
+# work first, then whatever matmuls and attention forwards the budget still needs: that is auto's third
+# rung, and nowhere else. Set before any decoder layer compiles; a compiled graph keeps what it was
+# compiled with, and the third rung compiles its own (SeededDropout.recompute_input tells them apart).
+LEANEST_BUDGET = 0.7
+
+
+def recompute_in_compiled_layers(matmuls_too: bool = False) -> None:
+    """What the compiler's partitioner may recompute in the graphs compiled from now on (see above)."""
+    config = torch._functorch.config
+    config.ban_recompute_used_far_apart = False
+    config.ban_recompute_long_fusible_chains = False
+    config.ban_recompute_materialized_backward = False
+    config.activation_memory_budget = LEANEST_BUDGET if matmuls_too else 1.0
 
 
 RECOMPUTE_WORDS = {False: "off", True: "on", "offload": "on, layer inputs offloaded to pinned CPU memory"}
@@ -222,7 +249,7 @@ class RecomputeChoice:
     why: str  # for the plan: how it was chosen
     ran_out: bool = False  # auto: even the leanest rung's probe step ran out of memory
     tiled: int | None = None  # tokens per MLP tile: train.tiled_mlp, or auto's last rung
-    dropout_recomputed: bool = False  # auto's second rung: seeded LoRA dropout's inputs recomputed
+    dropout_recomputed: int = DROPPED_KEPT  # auto's second and third rungs: DROPPED_RECOMPUTED or MATMULS_...
 
     @property
     def rung(self) -> Rung:
@@ -507,7 +534,9 @@ def first_fitting_rung(probe, extra: int, budget: int, ladder: tuple[Rung, ...] 
             why += f"; before it {'; '.join(tried)}" if tried else ""
             return RecomputeChoice(mode, why, tiled=tiles, dropout_recomputed=dropped)
         short = {False: "off", True: "on"}.get(mode, mode) + (" + tiled MLP" if tiles else "")
-        short += " + dropout recomputed" if dropped else ""
+        short += {DROPPED_KEPT: "", DROPPED_RECOMPUTED: " + dropout recomputed"}.get(
+            dropped, " + dropout, matmuls recomputed"
+        )
         tried.append(f"{short}: " + ("out of memory" if peak is None else f"{peak / 2**30:.1f} GiB"))
     why = f"auto: nothing fit {budget / 2**30:.1f} GiB ({'; '.join(tried)})"
     return RecomputeChoice(mode, why, ran_out=peak is None, tiled=tiles, dropout_recomputed=dropped)
@@ -515,8 +544,9 @@ def first_fitting_rung(probe, extra: int, budget: int, ladder: tuple[Rung, ...] 
 
 def recompute_ladder(model, tiled_mlp: int | None) -> tuple[Rung, ...]:
     """The rungs auto may climb for this model: each tiled by train.tiled_mlp where it is set, without
-    auto's tiled rung where there is no dense MLP to tile, and without the dropout rung where no seeded
-    dropout would recompute anything (dropout 0, eager layers)."""
+    auto's tiled rung where there is no dense MLP to tile, and without the dropout rungs where no seeded
+    dropout would recompute anything (dropout 0, eager layers; without the dropped inputs to recompute,
+    the partitioner's budget had nothing to add over the first rung on the CPU's tiny model)."""
     ladder = RECOMPUTE_LADDER
     if not seeded_dropouts(model):
         ladder = tuple(rung for rung in ladder if not rung[2])
@@ -534,6 +564,7 @@ def apply_rung(model, rung: Rung) -> None:
     mode, tiles, dropped = rung
     if tiles:
         tile_decoder_mlps(model, tiles)
+    recompute_in_compiled_layers(matmuls_too=dropped == MATMULS_RECOMPUTED_TOO)
     recompute_dropped_inputs(model, dropped)
     apply_recompute(model, mode)
 
