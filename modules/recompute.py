@@ -228,9 +228,9 @@ LEANEST_BUDGET = 0.7
 def recompute_in_compiled_layers(matmuls_too: bool = False) -> None:
     """What the compiler's partitioner may recompute in the graphs compiled from now on (see above)."""
     config = torch._functorch.config
-    config.ban_recompute_used_far_apart = False
-    config.ban_recompute_long_fusible_chains = False
-    config.ban_recompute_materialized_backward = False
+    for ban in ("used_far_apart", "long_fusible_chains", "materialized_backward"):
+        if hasattr(config, f"ban_recompute_{ban}"):  # torch 2.11 and 2.13 have them; without, its default
+            setattr(config, f"ban_recompute_{ban}", False)
     config.activation_memory_budget = LEANEST_BUDGET if matmuls_too else 1.0
 
 
