@@ -190,8 +190,8 @@ def activation_offload(recompute: Recompute, model: torch.nn.Module, device: tor
 # GPU: fastest first (no recompute), leanest last (recompute, layer inputs in CPU memory, and the
 # MLPs in tiles of AUTO_TILE_TOKENS, the tile measured on an 8B model: benchmarks/README.md).
 # The second and third rungs recompute what seeded LoRA dropout drops (modules.dropout), the third
-# also matmuls and attention forwards where the compiler's partitioner finds them cheapest, down to
-# LEANEST_BUDGET of its activations. On an 8B model at 4 x 2,048 tokens and dropout 0.05 (one
+# also matmuls and attention forwards where the compiler's partitioner finds them cheapest, under the
+# activation memory budget LEANEST_BUDGET. On an 8B model at 4 x 2,048 tokens and dropout 0.05 (one
 # H200, 2026-12-02): off 37.2 GiB at 15,599 tokens/s; second rung 30.7 GiB at 15,581; third 24.4
 # GiB at 14,210; checkpointing whole layers 11.2 GiB at 12,019 (benchmarks/README.md).
 AUTO_TILE_TOKENS = 8192
@@ -215,13 +215,15 @@ RECOMPUTE_LADDER: tuple[Rung, ...] = (
 
 
 # What compiled layers keep for backward. Their partitioner recomputes in backward any elementwise
-# work (RMSNorm, RoPE, SwiGLU's product, seeded dropout's masks) however far from where backward reads
-# it, never a matmul or an attention kernel: its defaults kept SwiGLU's product for down_proj's LoRA
-# and every dropout mask and dropped input (benchmarks/README.md, 2026-11-30). A fractional activation
-# memory budget (tried before: 0.7 of the way from the least it could keep to all) recomputes elementwise
-# work first, then whatever matmuls and attention forwards the budget still needs: that is auto's third
-# rung, and nowhere else. Set before any decoder layer compiles; a compiled graph keeps what it was
-# compiled with, and the third rung compiles its own (SeededDropout.recompute_input tells them apart).
+# work (RMSNorm, RoPE, SwiGLU's product, seeded dropout's masks) however far from where backward
+# reads it, and never a matmul, an attention kernel or a custom op: what is not on its list of
+# recomputable ops (a checkpoint's region is recomputed as marked: modules.nf4's dequantization).
+# Its defaults kept SwiGLU's product for down_proj's LoRA and every dropout mask and dropped input
+# (benchmarks/README.md, 2026-11-30). A fractional activation memory budget (tried before: 0.7 of the
+# way from the least it could keep to all) recomputes elementwise work first, then whatever matmuls
+# and attention forwards the budget still needs: that is auto's third rung, and nowhere else. Set
+# before any decoder layer compiles; a compiled graph keeps what it was compiled with, and the third
+# rung compiles its own (SeededDropout.recompute_input tells them apart).
 LEANEST_BUDGET = 0.7
 
 
