@@ -231,8 +231,10 @@ def recompute_in_compiled_layers(matmuls_too: bool = False) -> None:
     """What the compiler's partitioner may recompute in the graphs compiled from now on (see above)."""
     config = torch._functorch.config
     for ban in ("used_far_apart", "long_fusible_chains", "materialized_backward"):
-        if hasattr(config, f"ban_recompute_{ban}"):  # torch 2.11 and 2.13 have them; without, its default
+        try:
             setattr(config, f"ban_recompute_{ban}", False)
+        except AttributeError:  # torch 2.11 and 2.13 have them; a torch without one keeps its default
+            pass
     config.activation_memory_budget = LEANEST_BUDGET if matmuls_too else 1.0
 
 
