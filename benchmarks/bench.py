@@ -458,7 +458,7 @@ def run_trainer(spec: dict, args, data: Path) -> dict:
     measured = timer.times[args.warmup :]
     counted = real_tokens[args.warmup : len(timer.times)]  # the loader may have collated a batch more than ran
     return {
-        "tokens_per_s": sum(real_tokens[args.warmup : len(timer.times)]) / sum(measured),  # real tokens only
+        "tokens_per_s": sum(counted) / sum(measured),  # real tokens only
         "step_spread": spread([count / took for count, took in zip(counted, measured, strict=True)]),
         "mfu": None,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0,
