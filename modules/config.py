@@ -163,7 +163,8 @@ class TrainConfig(Section):
     compile: Literal["auto"] | bool = Field(
         "auto",
         description="torch.compile each decoder layer (fuses norms, rotary, SwiGLU and the LoRA adds, and keeps "
-        "less for backward: elementwise work and seeded LoRA dropout masks are recomputed; the first steps "
+        "less for backward: elementwise work and seeded LoRA dropout masks are recomputed; q/k/v's LoRA A products, "
+        "and gate/up's, run as one matmul; the first steps "
         "compile). auto: on GPUs for one process, DDP and FSDP; off on the CPU (compiling costs minutes) and "
         "under device_map (true turns it on there).",
     )

@@ -17,6 +17,7 @@ from modules.config import RunConfig
 from modules.distributed import traceable_4bit_forwards
 from modules.dropout import use_seeded_dropout
 from modules.errors import UserError
+from modules.fusion import fuse_products_in_compiled_graphs
 from modules.hardware import Precision
 from modules.nf4 import compiled_4bit_forwards
 from modules.packing import VARLEN, register_varlen_attention
@@ -52,11 +53,13 @@ def compile_decoder_layers(model: torch.nn.Module, checkpoint_inside: bool = Fal
     costs about one layer's time however deep the model. The loss stays outside. Generation runs
     eager (modules.generation), where a KV cache would recompile per step. What the layers keep for
     backward is the compiler's global setting (modules.recompute.recompute_in_compiled_layers): the
-    decoder layers are all this process compiles with a backward. With
+    decoder layers are all this process compiles with a backward. So is the pass that runs LoRA A
+    products of one input as one matmul (modules.fusion). With
     `checkpoint_inside` (not under FSDP, whose hooks wrap the layer), a checkpointed layer holds its
     checkpoint in the graph, which may then keep the attention's outputs (modules.recompute).
     """
     recompute_in_compiled_layers()
+    fuse_products_in_compiled_graphs()
     layers = decoder_layers(model)
     if not layers:
         name = type(model.get_base_model()).__name__

@@ -104,7 +104,8 @@ def plan_rows(plan: Plan) -> list[tuple[str, str]]:
         params = f"{summary.total_params:,} total, ~{summary.lora_params:,} trainable (LoRA)"
         quantized = f"~{summary.quantized_linears} linear layers in 4-bit" if quant.load_in_4bit else "none"
     compiling = (
-        f"on (decoder layers, elementwise work recomputed in backward, seeded LoRA dropout masks{in_graph_line(plan)}; "
+        f"on (decoder layers, elementwise work recomputed in backward, seeded LoRA dropout masks, "
+        f"LoRA A products of one input as one matmul{in_graph_line(plan)}; "
         "the first steps compile)"
         if plan.compiled
         else compile_off_line(plan)
