@@ -7,6 +7,7 @@ from modules.dropout import drop
 from modules.fusion import SharedInputLoRA, fuse_shared_input_products
 
 ROWS, WIDTH, RANK = 8, 64, 4
+CPU = torch.device("cpu")
 
 
 class Projections(torch.nn.Module):
@@ -79,33 +80,40 @@ def test_a_graph_that_changes_a_value_in_place_is_left_as_traced():
     assert fuse_shared_input_products(graph_module.graph) == 0 and linears(graph_module) == before
 
 
+def separate_and_stacked_products(model_dir, device=CPU) -> tuple[dict, dict]:
+    """Matmuls and attention forwards a step, and the loss and gradients, with the compiled layers'
+    LoRA A products run separately (False) and stacked (True), dropout's dropped inputs kept and
+    recomputed."""
+    from modules.recompute import DROPPED_KEPT, DROPPED_RECOMPUTED, apply_rung
+
+    (batch,) = packed_batches([[300, 212]])
+    work, trained = {}, {}
+    for stacked in (False, True):
+        torch._dynamo.reset()
+        model, _ = lora_model(model_dir, compiled=True, dropout=0.05, device=device, grad_checkpointing=False)
+        with torch._inductor.config.patch(pre_grad_custom_pass=SharedInputLoRA() if stacked else None):
+            for level in (DROPPED_KEPT, DROPPED_RECOMPUTED):
+                apply_rung(model, (False, None, level))
+                loss_and_gradients(model, batch)  # compiles
+                work[stacked, level] = matmuls_and_attention_forwards(model, batch)
+                torch.manual_seed(3)
+                trained[stacked, level] = loss_and_gradients(model, batch)
+    return work, trained
+
+
 @pytest.mark.slow
 def test_compiled_layers_run_one_lora_a_product_per_input_and_train_the_same(tmp_path):
     """In the compiled decoder layers q/k/v's LoRA A products, and gate/up's, run as one matmul forward,
     one for A's gradients and one for the input's, with dropout's dropped inputs kept or recomputed;
     the loss and every gradient stay those of separate products."""
-    from modules.recompute import DROPPED_KEPT, DROPPED_RECOMPUTED, apply_rung
-
-    model_dir = eight_b_ratios(tmp_path)
-    (batch,) = packed_batches([[300, 212]])
-    work, trained = {}, {}
-    for fused in (False, True):
-        torch._dynamo.reset()
-        model, _ = lora_model(model_dir, compiled=True, dropout=0.05, grad_checkpointing=False)
-        with torch._inductor.config.patch(pre_grad_custom_pass=SharedInputLoRA() if fused else None):
-            for level in (DROPPED_KEPT, DROPPED_RECOMPUTED):
-                apply_rung(model, (False, None, level))
-                loss_and_gradients(model, batch)  # compiles
-                work[fused, level] = matmuls_and_attention_forwards(model, batch)
-                torch.manual_seed(3)
-                trained[fused, level] = loss_and_gradients(model, batch)
-    for level in (DROPPED_KEPT, DROPPED_RECOMPUTED):
+    work, trained = separate_and_stacked_products(eight_b_ratios(tmp_path))
+    for level in {level for _, level in work}:
         # Per layer 3 -> 1 and 2 -> 1 products forward and for A's gradients, and for the input's
         # gradient but in the first layer, whose input needs none: 9 + 7 fewer (measured: 108 -> 92).
         assert work[False, level][0] - work[True, level][0] == 16, work
         loss, gradients = trained[False, level]
-        fused_loss, fused_gradients = trained[True, level]
-        assert fused_loss == pytest.approx(loss, rel=1e-6)
-        assert fused_gradients.keys() == gradients.keys()
+        stacked_loss, stacked_gradients = trained[True, level]
+        assert stacked_loss == pytest.approx(loss, rel=1e-6)
+        assert stacked_gradients.keys() == gradients.keys()
         for name, gradient in gradients.items():
-            torch.testing.assert_close(fused_gradients[name], gradient, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(stacked_gradients[name], gradient, rtol=1e-4, atol=1e-6)

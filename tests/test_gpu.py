@@ -169,6 +169,22 @@ def test_compiled_layers_recompute_seeded_dropout_masks_exactly_on_the_gpu(tiny_
     compiled_against_eager_with_seeded_dropout(tiny_model_dir, cuda, tolerance=0.1, dropout=0.0)
 
 
+def test_stacked_lora_a_products_train_like_separate_ones_on_the_gpu(tmp_path):
+    """In bf16 on the GPU, the compiled layers' stacked LoRA A products (modules.fusion) run fewer matmuls
+    for the loss and gradients of separate ones, within bf16's rounding."""
+    from test_fusion import separate_and_stacked_products
+    from test_model import eight_b_ratios
+
+    work, trained = separate_and_stacked_products(eight_b_ratios(tmp_path), torch.device("cuda"))
+    for level in {level for _, level in work}:
+        assert work[False, level][0] - work[True, level][0] == 16, work
+        loss, gradients = trained[False, level]
+        stacked_loss, stacked_gradients = trained[True, level]
+        assert stacked_loss == pytest.approx(loss, rel=1e-2)
+        for name, gradient in gradients.items():
+            assert torch.linalg.norm(stacked_gradients[name] - gradient) <= 0.05 * torch.linalg.norm(gradient), name
+
+
 def test_linear_cross_entropy_equals_the_checkpointed_loss_on_the_gpu():
     from modules.loss import chunked_cross_entropy
     from modules.tokens import IGNORE_INDEX
