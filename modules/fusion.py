@@ -184,7 +184,7 @@ def is_pure(node: torch.fx.Node) -> bool:
     if node.op == "call_function" and node.target is torch.ops.higher_order.tag_activation_checkpoint:
         body = subgraph(node.args[0])
         inner = body.graph.nodes if body is not None else ()
-        return body is not None and all(node.op in ("placeholder", "output") or is_pure(node) for node in inner)
+        return body is not None and all(each.op in ("placeholder", "output") or is_pure(each) for each in inner)
     return (node.op == "call_function" and node.target in PURE_FUNCTIONS) or (
         node.op == "call_method" and node.target in PURE_METHODS
     )
@@ -203,6 +203,8 @@ def mutates(node: torch.fx.Node) -> bool:
     may differ between its uses."""
     if node.op == "call_function" and node.target in IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True:
         return True
+    if isinstance(node.target, torch._ops.OpOverload):  # an aten or custom op says so in its schema
+        return node.target._schema.is_mutable
     if node.op == "call_method" or (node.op == "call_function" and node.target not in PURE_FUNCTIONS):
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
         return name.endswith("_") and not name.endswith("__")

@@ -101,6 +101,30 @@ def separate_and_stacked_products(model_dir, device=CPU) -> tuple[dict, dict]:
     return work, trained
 
 
+def test_in_place_ops_are_recognised_in_every_form_a_graph_holds():
+    import operator
+
+    from modules.fusion import mutates
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    in_place = [
+        graph.call_method("add_", (x, 1)),
+        graph.call_function(operator.iadd, (x, 1)),
+        graph.call_function(torch.ops.aten.add_.Tensor, (x, x)),
+        graph.call_function(F.relu, (x,), {"inplace": True}),
+        graph.call_function(operator.setitem, (x, 0, 1)),
+    ]
+    pure = [
+        graph.call_method("add", (x, 1)),
+        graph.call_function(operator.and_, (x, 1)),
+        graph.call_function(torch.ops.aten.add.Tensor, (x, x)),
+        graph.call_function(F.relu, (x,)),
+    ]
+    assert [mutates(node) for node in in_place] == [True] * len(in_place)
+    assert [mutates(node) for node in pure] == [False] * len(pure)
+
+
 @pytest.mark.slow
 def test_compiled_layers_run_one_lora_a_product_per_input_and_train_the_same(tmp_path):
     """In the compiled decoder layers q/k/v's LoRA A products, and gate/up's, run as one matmul forward,
