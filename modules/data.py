@@ -26,7 +26,7 @@ from modules.errors import UserError
 from modules.formats import Example, detect_format, is_chat_format, to_example
 from modules.packing import PackedDataset
 from modules.sources import cache_root
-from modules.tokens import IGNORE_INDEX, choose_pad_token
+from modules.tokens import IGNORE_INDEX, choose_pad_token, scored_positions
 
 CACHE_VERSION = 1  # bump when tokenization changes what it produces
 FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -568,4 +568,5 @@ class PaddingCollator:
             batch["input_ids"][i, :length] = torch.tensor(row["input_ids"])
             batch["attention_mask"][i, :length] = 1
             batch["labels"][i, :length] = torch.tensor(row["labels"])
+        batch["scored_positions"] = scored_positions(batch["labels"])
         return batch

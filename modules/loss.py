@@ -7,8 +7,9 @@ their forward (DDP sets up its gradient all-reduce there, FSDP its weight gather
 Where the architecture allows, the logits of the whole batch are never materialised: a causal LM's
 head computes batch x tokens x vocab logits, which for a 128k vocabulary is ~1 GiB of bf16 per
 4k tokens, plus their fp32 copy and gradient. Instead the decoder's last hidden states are taken
-at the trained positions only, and lm_head + cross-entropy run on chunks of them, so at most one
-chunk of logits exists at a time. With a frozen lm_head (the usual case) each chunk's gradient
+at the trained positions only (which the collators list on the host, modules.tokens.scored_positions,
+so the host never waits for the GPU to count them), and lm_head + cross-entropy run on chunks of
+them, so at most one chunk of logits exists at a time. With a frozen lm_head (the usual case) each chunk's gradient
 with respect to the hidden states is computed in the forward pass, right after its loss, and
 kept (tokens x hidden, small): backward then has nothing left to do, where recomputing the chunk
 under activation checkpointing ran lm_head a third time (8.6 TFLOP a step at 8k tokens and a
@@ -22,7 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from modules.dropout import reseed, seeded_dropouts
-from modules.tokens import IGNORE_INDEX
+from modules.tokens import scored_positions
 
 # Architectures whose logits are exactly lm_head(last hidden state): no softcapping, no scaling.
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -39,16 +40,20 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     chunk: int = CHUNK_TOKENS,
     compiled: bool = False,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of lm_head(hidden[t]) against labels[t + 1] over the labelled positions.
 
     `compiled` (set where the decoder layers are compiled) runs each chunk's softmax and its
     gradient as two compiled kernels rather than eager passes over an fp32 copy of the chunk's logits.
+    `positions`: the batch's scored_positions (modules.tokens), from its collator; without them they
+    are found here, on the labels' device, where the host then waits for the GPU.
     """
-    targets = labels[:, 1:].reshape(-1).to(hidden.device)  # under device_map auto, hidden is on the last GPU
-    keep = targets != IGNORE_INDEX
-    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
-    targets = targets[keep]
+    if positions is None:
+        positions = scored_positions(labels)
+    positions = positions.to(hidden.device)  # under device_map auto, hidden is on the last GPU
+    states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    targets = labels.reshape(-1).to(hidden.device).index_select(0, positions + 1)
     if is_frozen_weight_only(lm_head) and torch.is_grad_enabled() and states.requires_grad:
         head = lm_head.weight  # under device_map auto it may sit on another GPU: autograd carries the gradient back
         return LinearCrossEntropy.apply(states.to(head.device), head, targets.to(head.device), chunk, compiled)
@@ -150,14 +155,16 @@ class CausalLMLoss(torch.nn.Module):
     def forward(self, batch: dict, label_tokens: torch.Tensor) -> torch.Tensor:
         if self.training:
             reseed(self.dropouts)
+        inputs = {name: value for name, value in batch.items() if name != "scored_positions"}
         if not self.chunked:
-            return self.lm(**batch, num_items_in_batch=label_tokens, use_cache=False).loss
-        inputs = {name: value for name, value in batch.items() if name != "labels"}
+            return self.lm(**inputs, num_items_in_batch=label_tokens, use_cache=False).loss
+        inputs.pop("labels")
         causal_lm = self.lm.get_base_model()  # the transformers model, its linears LoRA-wrapped in place
         decoder = getattr(causal_lm, causal_lm.base_model_prefix)
         hidden = decoder(**inputs, use_cache=False).last_hidden_state
         head = causal_lm.get_output_embeddings()
-        total = chunked_cross_entropy(hidden, head, batch["labels"], self.chunk, self.compiled)
+        positions = batch.get("scored_positions")
+        total = chunked_cross_entropy(hidden, head, batch["labels"], self.chunk, self.compiled, positions)
         return total / label_tokens.to(total.device)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from modules.tokens import IGNORE_INDEX
+from modules.tokens import IGNORE_INDEX, scored_positions
 
 VARLEN = "varlen"  # the attn_implementation name registered with transformers
 
@@ -125,6 +125,7 @@ class PackedCollator:
         labels[starts] = IGNORE_INDEX  # no sample predicts the first token of the next
         positions = torch.cat([torch.arange(length) for length in lengths])
         batch = {"input_ids": input_ids[None], "labels": labels[None], "position_ids": positions[None]}
+        batch["scored_positions"] = scored_positions(batch["labels"])
         if self.varlen_kwargs:
             cumulative = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
             batch |= {

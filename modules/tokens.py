@@ -14,6 +14,16 @@ def count_label_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Where a causal LM's loss reads its hidden states: the flat indices (row x length + position) of
+    the positions whose next token is a trained label. The collators compute them on the host, so the
+    loss selects those states by a tensor whose length the host already knows; selecting them with
+    a boolean mask on the GPU makes the host wait there for the GPU to count them."""
+    length = labels.shape[-1]
+    rows, positions = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * length + positions
+
+
 def choose_pad_token(tokenizer) -> None:
     """Give the tokenizer a pad token from its own vocabulary; never add one.
 

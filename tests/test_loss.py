@@ -107,6 +107,47 @@ def test_only_labelled_positions_reach_lm_head():
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+class AtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("collator", ["padded", "packed"])
+def test_the_collators_hand_the_loss_its_scored_positions_so_it_never_counts_them_on_the_device(collator):
+    """The loss selects the hidden states it scores by the positions the collator found on the host: the
+    same states and loss as a selection by the labels on the device, with no op whose output size
+    depends on the device's values (nonzero, a boolean index), which makes the host wait for the GPU."""
+    from modules.data import PaddingCollator
+
+    generator = torch.Generator().manual_seed(5)
+    rows = []
+    for length, prompt in ((9, 3), (4, 1), (7, 6)):
+        ids = torch.randint(3, 50, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    collated = PaddingCollator(pad_token_id=0)(rows) if collator == "padded" else PackedCollator()([rows[:2], rows[2:]])
+    labels = collated["labels"]
+    assert collated["scored_positions"].tolist() == [
+        row * labels.shape[1] + position
+        for row in range(labels.shape[0])
+        for position in range(labels.shape[1] - 1)
+        if labels[row, position + 1] != IGNORE_INDEX
+    ]
+    head = torch.nn.Linear(4, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(*labels.shape, 4, requires_grad=True)
+    with AtenOps() as ops:
+        total = chunked_cross_entropy(hidden, head, labels, chunk=4, positions=collated["scored_positions"])
+    assert not {"nonzero", "masked_select"} & set(ops.names) and "index" not in ops.names, ops.names
+    found_on_the_device = chunked_cross_entropy(hidden, head, labels, chunk=4)
+    trained = labels[:, 1:] != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(head(hidden[:, :-1][trained]), labels[:, 1:][trained], reduction="sum")
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6) and found_on_the_device.item() == total.item()
+
+
 def test_a_frozen_head_gets_its_gradient_in_the_forward_and_backward_computes_no_logits(tiny_model_dir):
     inputs, count = batch(), torch.tensor(80)
     model = CausalLMLoss(lora_model(tiny_model_dir), chunked=True, chunk=16)
