@@ -7,13 +7,13 @@ their forward (DDP sets up its gradient all-reduce there, FSDP its weight gather
 Where the architecture allows, the logits of the whole batch are never materialised: a causal LM's
 head computes batch x tokens x vocab logits, which for a 128k vocabulary is ~1 GiB of bf16 per
 4k tokens, plus their fp32 copy and gradient. Instead the decoder's last hidden states are taken
-at the trained positions only (which the collators list on the host, modules.tokens.scored_positions,
+at the trained positions only (the collators list them on the host, modules.tokens.scored_positions,
 so the host never waits for the GPU to count them), and lm_head + cross-entropy run on chunks of
-them, so at most one chunk of logits exists at a time. With a frozen lm_head (the usual case) each chunk's gradient
-with respect to the hidden states is computed in the forward pass, right after its loss, and
-kept (tokens x hidden, small): backward then has nothing left to do, where recomputing the chunk
-under activation checkpointing ran lm_head a third time (8.6 TFLOP a step at 8k tokens and a
-128k vocabulary). A trained lm_head (new tokens' rows) takes the checkpointed path. The sum is
+them, so at most one chunk of logits exists at a time. With a frozen lm_head (the usual case) each
+chunk's gradient with respect to the hidden states is computed in the forward pass, right after its
+loss, and kept (tokens x hidden, small): backward then has nothing left to do, where recomputing
+the chunk under activation checkpointing ran lm_head a third time (8.6 TFLOP a step at 8k tokens
+and a 128k vocabulary). A trained lm_head (new tokens' rows) takes the checkpointed path. The sum is
 exact, token for token. Other architectures use transformers' own loss.
 """
 
