@@ -96,31 +96,31 @@ def fuse_shared_input_products(graph: torch.fx.Graph) -> int:
         if is_low_rank_factor(node):
             groups.setdefault(value[node.args[0]], []).append(node)
     order = {node: index for index, node in enumerate(graph.nodes)}  # as traced: the groups' nodes all are
+    last_input = max((node for node in order if node.op == "placeholder"), key=order.__getitem__, default=None)
     replaced = 0
     for group in groups.values():
-        weights = [example(node.args[1]) for node in group]
-        if len(group) < 2 or len({(w.dtype, w.device) for w in weights}) > 1:
+        source, weight_nodes = group[0].args[0], [node.args[1] for node in group]
+        weights = [example(node) for node in weight_nodes]
+        if len(group) < 2 or len({(weight.dtype, weight.device) for weight in weights}) > 1:
             continue
-        # The stacked product goes right after the last of its arguments, which must come before every
-        # use of the products it replaces.
-        arguments = [group[0].args[0], *(node.args[1] for node in group)]
-        after = max(arguments, key=order.__getitem__)
-        if after.op == "placeholder":  # the graph's inputs stay first
-            after = max((node for node in order if node.op == "placeholder"), key=order.__getitem__)
+        # The stacked product goes right after the last of its arguments (after the graph's inputs,
+        # which stay first), and that must come before every use of the products it replaces.
+        after = max([source, *weight_nodes], key=order.__getitem__)
+        after = last_input if after.op == "placeholder" else after
         if any(order[user] <= order[after] for node in group for user in node.users):
             continue  # left as traced
-        spare_inputs = {node.args[0] for node in group[1:]} - {group[0].args[0]}
+        sections = [weight.shape[0] for weight in weights]
         with graph.inserting_after(after):
-            stacked = graph.call_function(torch.cat, ([node.args[1] for node in group],), {"dim": 0})
+            stacked = graph.call_function(torch.cat, (weight_nodes,), {"dim": 0})
         with graph.inserting_after(stacked):
-            product = graph.call_function(F.linear, (group[0].args[0], stacked))
+            product = graph.call_function(F.linear, (source, stacked))
         with graph.inserting_after(product):
-            parts = graph.call_function(torch.split, (product, [weight.shape[0] for weight in weights]), {"dim": -1})
+            parts = graph.call_function(torch.split, (product, sections), {"dim": -1})
         with torch.no_grad():  # shapes only; autograd (and any saved-tensor hooks around it) stays out
             stacked.meta["example_value"] = torch.cat(weights)
-            sections = [weight.shape[0] for weight in weights]
-            product.meta["example_value"] = F.linear(example(group[0].args[0]), stacked.meta["example_value"])
+            product.meta["example_value"] = F.linear(example(source), stacked.meta["example_value"])
             parts.meta["example_value"] = torch.split(product.meta["example_value"], sections, dim=-1)
+        spare_inputs = {node.args[0] for node in group} - {source}
         for index, node in enumerate(group):
             with graph.inserting_after(parts):
                 part = graph.call_function(operator.getitem, (parts, index))
@@ -163,18 +163,20 @@ def value_numbers(graph: torch.fx.Graph) -> dict[torch.fx.Node, int]:
     seen: dict[tuple, int] = {}
     fresh = itertools.count()
     for node in graph.nodes:
-        key = None
-        if subgraph(node) is not None:  # bodies of the same code are one value (the checkpoint decides)
-            key = ("body", subgraph(node).code)
+        key, body = None, subgraph(node)
+        if body is not None:  # bodies of the same code are one value (the checkpoint decides)
+            key = ("body", body.code)
         elif is_pure(node):
             try:
                 key = (node.op, node.target, argument_key(node.args, numbers), argument_key(node.kwargs, numbers))
             except TypeError:  # an argument this numbering does not describe: the node stands alone
                 key = None
-        if key is None:
+        if key is None:  # a value of its own
             numbers[node] = next(fresh)
-        else:
-            numbers[node] = seen[key] if key in seen else seen.setdefault(key, next(fresh))
+            continue
+        if key not in seen:
+            seen[key] = next(fresh)
+        numbers[node] = seen[key]
     return numbers
 
 
