@@ -14,8 +14,10 @@ decoder layers off (train.compile false) and `compiled` on (train.compile true: 
 process, DDP or FSDP on GPUs, not device_map); `gibN` runs ours as on a GPU of N GiB (one process:
 benchmarks/capped_train.py caps its allocations, and auto recompute budgets against the cap; not
 with --profile). Unsloth (`../shared/device/pack-unsloth.sh` brings it; it needs a GPU) runs its
-patched model (FastLanguageModel, NF4 + double quant, its own LoRA kernels) in a plain PyTorch loop:
-AdamW, bf16, the same rows; its first steps compile kernels, so give it --warmup 4 or more.
+patched model (FastLanguageModel, NF4 + double quant, its own LoRA kernels) in a plain PyTorch loop
+stepped as ours is (fused AdamW, bf16, pinned non-blocking copies, no host wait within the loop,
+steps timed by CUDA events), on the same rows; its first steps compile kernels, so give it --warmup
+4 or more.
 Our runs may name a launch: `ddpN` (N processes, accelerate_configs/multi_gpu.yaml), `fsdpN`
 (accelerate_configs/fsdp_qlora.yaml), `split` (one process, model.device_map auto over the visible
 GPUs); BATCH is then per process. Each run is its own process (group), so peak memory is its own.
@@ -273,32 +275,38 @@ def run_unsloth(spec: dict, args, data: Path) -> dict:
         random_state=0,
     )
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
+    # Stepped as our loop steps: fused AdamW, batches copied from pinned memory without waiting, and
+    # no host wait inside the loop; each step is timed on the GPU's timeline by CUDA events.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0, fused=True)
     rows = [json.loads(line)["text"] for line in data.read_text().splitlines()]
     ids = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in rows]
-    times, tokens, losses, ends = [], [], [], []
+    tokens, losses, ends = [], [], []
     profiler = unsloth_profiler(args)
     torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.Event(enable_timing=True)
+    start.record()
     for step in range(args.warmup + args.steps):
         chunk = ids[step * spec["batch"] : (step + 1) * spec["batch"]]
         longest = max(len(row) for row in chunk)  # padded to the longest row, as Trainer's batches are
         input_ids = torch.tensor([row + [tokenizer.pad_token_id] * (longest - len(row)) for row in chunk])
         mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in chunk])
         labels = input_ids.masked_fill(mask == 0, -100)
-        torch.cuda.synchronize()
-        started = time.perf_counter()
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        batch = {name: value.pin_memory().cuda(non_blocking=True) for name, value in batch.items()}
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=input_ids.cuda(), attention_mask=mask.cuda(), labels=labels.cuda()).loss
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-        ends.append(time.perf_counter())
+        ends.append(torch.cuda.Event(enable_timing=True))
+        ends[-1].record()
         tokens.append(int(mask.sum()))
-        losses.append(loss.item())
+        losses.append(loss.detach())
         if profiler:
             profiler.step()
+    torch.cuda.synchronize()
+    times = [before.elapsed_time(after) / 1e3 for before, after in zip([start, *ends[:-1]], ends, strict=True)]
     if profiler:
         from profile_train import report  # the same tables and summary line as our profiled runs
 
@@ -310,7 +318,7 @@ def run_unsloth(spec: dict, args, data: Path) -> dict:
         "step_spread": spread([count / took for count, took in zip(tokens, times, strict=True)][args.warmup :]),
         "mfu": None,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "final_loss": losses[-1],
+        "final_loss": losses[-1].item(),
     }
 
 

@@ -140,7 +140,7 @@ def report(profiler, out: Path, recorded: list, active: int, rank: int) -> None:
 
 def wall_ms(recorded: list) -> float:
     """Milliseconds between the first and last recorded step ends: CUDA events (the GPU's timeline)
-    or host times (a loop that synchronizes each step, such as bench.py's for Unsloth)."""
+    or host times (on the CPU)."""
     if isinstance(recorded[0], torch.cuda.Event):
         recorded[-1].synchronize()
         return recorded[0].elapsed_time(recorded[-1])
