@@ -1,7 +1,8 @@
-"""The longest sequence one optimizer step trains within a memory cap: our loop against Trainer.
+"""The longest sequence one optimizer step trains within a memory cap: our loop against Trainer and
+Unsloth.
 
-    python benchmarks/longest.py --shape llama3-8b --caps 24 80 [--who ours trainer] [--out longest.jsonl] \
-        [--recompute gc|offload] [--tiled-mlp TOKENS]
+    python benchmarks/longest.py --shape llama3-8b --caps 24 80 [--who ours trainer unsloth] \
+        [--out longest.jsonl] [--recompute gc|offload] [--tiled-mlp TOKENS] [--unsloth-lengths ...]
 
 One process per side loads the model once (the same job as bench.py: NF4 + double quantization,
 LoRA r 16 on all 7 projections, AdamW, bf16, gradient checkpointing) and trains one optimizer step
@@ -10,12 +11,18 @@ on a single row of each length in turn, shortest first, with the GPU capped at t
 (torch.cuda.max_memory_allocated, the figure bench.py reports) is recorded; the answer for a cap is
 the longest length whose step finished with its peak within that cap. Ours is built by the same
 functions train.py uses (load_model, build_optimizer, PackedCollator) with train.py's defaults;
-Trainer runs its documented QLoRA recipe (bench.trainer_model) through trainer.train().
+Trainer runs its documented QLoRA recipe (bench.trainer_model) through trainer.train(). Unsloth
+(`../shared/device/pack-unsloth.sh` brings it) runs bench.py's setup (FastLanguageModel, its LoRA
+kernels, dropout 0.05 as ours) with its checkpointing, offloaded (`use_gradient_checkpointing=
+"unsloth"`) under `--recompute offload`, and fused AdamW. Each length's seconds include that
+length's first-time work (Unsloth compiles kernels on its first step), so tokens/s is a lower bound
+for the first length tried.
 """
 
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,6 +40,7 @@ import bench  # noqa: E402
 LENGTHS = {
     "ours": [4096, 8192, 16384, 24576, 32768, 49152, 65536, 98304, 131072, 196608, 262144],
     "trainer": [2048, 4096, 8192, 12288, 16384, 24576, 32768, 49152, 65536],
+    "unsloth": [65536, 131072, 196608, 229376, 262144],
 }
 
 
@@ -121,6 +129,47 @@ def trainer_step(model_dir: Path):
     return step, reset, "Trainer: prepare_model_for_kbit_training, sdpa, gradient checkpointing"
 
 
+def unsloth_step(model_dir: Path, recompute: str, longest: int):
+    """One optimizer step of Unsloth's patched model (bench.run_unsloth's setup) on one row of `length`
+    random tokens."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # from_pretrained makes no call
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    import unsloth  # noqa: F401  (before transformers, which it patches)
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=str(model_dir), max_seq_length=longest, dtype=torch.bfloat16, load_in_4bit=True
+    )
+    checkpointing = "unsloth" if recompute == "offload" else True
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=bench.PROJECTIONS,
+        bias="none",
+        use_gradient_checkpointing=checkpointing,
+        random_state=0,
+    )
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0, fused=True)
+    vocab = model.config.vocab_size
+
+    def step(length: int) -> None:
+        ids = torch.randint(3, vocab, (1, length), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def reset() -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, reset, f"Unsloth: FastLanguageModel, sdpa, use_gradient_checkpointing={checkpointing!r}"
+
+
 def host_peak() -> int:
     """Bytes of pinned host memory held at once since the last reset (the offloaded activations)."""
     if not hasattr(torch.cuda, "host_memory_stats"):
@@ -145,7 +194,12 @@ def probe(
     if gpu:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total))
-    step, reset, setup = ours_step(model_dir, recompute, tiled_mlp) if who == "ours" else trainer_step(model_dir)
+    if who == "ours":
+        step, reset, setup = ours_step(model_dir, recompute, tiled_mlp)
+    elif who == "unsloth":
+        step, reset, setup = unsloth_step(model_dir, recompute, max(lengths))
+    else:
+        step, reset, setup = trainer_step(model_dir)
     results = []
     for length in lengths:
         if gpu:
@@ -167,6 +221,7 @@ def probe(
             "fits": fits,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else 0.0,
             "seconds": round(time.perf_counter() - started, 1),
+            "tokens_per_s": round(length / (time.perf_counter() - started)) if fits else None,
             "pinned_host_gib": round(host_peak() / 2**30, 2) if gpu else 0.0,
             "setup": setup,
         }
@@ -186,7 +241,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(bench.SHAPES), default="llama3-8b")
     parser.add_argument("--caps", type=float, nargs="+", default=[24, 80], help="memory caps in GiB")
-    parser.add_argument("--who", nargs="+", choices=["ours", "trainer"], default=["ours", "trainer"])
+    parser.add_argument("--who", nargs="+", choices=["ours", "trainer", "unsloth"], default=["ours", "trainer"])
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "qlora-loop-bench")
     parser.add_argument("--out", type=Path, help="append one JSON line per length tried here")
     parser.add_argument("--ours-lengths", type=int, nargs="+", default=LENGTHS["ours"], help="tried in this order")
@@ -194,17 +249,23 @@ def main() -> None:
         "--trainer-lengths", type=int, nargs="+", default=LENGTHS["trainer"], help="tried in this order"
     )
     parser.add_argument(
-        "--recompute", choices=["gc", "offload"], default="gc", help="ours: train.grad_checkpointing true or offload"
+        "--unsloth-lengths", type=int, nargs="+", default=LENGTHS["unsloth"], help="tried in this order"
+    )
+    parser.add_argument(
+        "--recompute",
+        choices=["gc", "offload"],
+        default="gc",
+        help="ours: train.grad_checkpointing true or offload; Unsloth: its checkpointing, or offloaded",
     )
     parser.add_argument("--tiled-mlp", type=int, help="ours: train.tiled_mlp, tokens per MLP tile")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: probe one side in this process
     args = parser.parse_args()
     model_dir = args.model_dir / args.shape
+    tried = {"ours": args.ours_lengths, "trainer": args.trainer_lengths, "unsloth": args.unsloth_lengths}
     if args.one:
-        lengths = args.ours_lengths if args.one == "ours" else args.trainer_lengths
-        probe(args.one, model_dir, max(args.caps), lengths, args.recompute, args.tiled_mlp)
+        probe(args.one, model_dir, max(args.caps), tried[args.one], args.recompute, args.tiled_mlp)
         return
-    bench.build_model(args.shape, model_dir, max(args.ours_lengths))
+    bench.build_model(args.shape, model_dir, max(max(tried[who]) for who in args.who))
     answers = {}
     for who in args.who:  # each side in its own process: its own allocator and peak
         results = []
@@ -232,15 +293,17 @@ def main() -> None:
             cap: max((r["length"] for r in results if r["fits"] and r["peak_gib"] <= cap), default=None)
             for cap in args.caps
         }
-    print("\n| cap GiB | " + " | ".join(f"{who} longest" for who in answers) + " | ours / Trainer |")
-    print("|---|" + "---|" * (len(answers) + 1))
+    peers = [who for who in ("trainer", "unsloth") if who in answers and "ours" in answers]
+    columns = [f"{who} longest" for who in answers] + [f"ours / {who}" for who in peers]
+    print("\n| cap GiB | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * (len(answers) + len(peers)))
     for cap in args.caps:
         longest = [answers[who][cap] for who in answers]
-        ratio = ""
-        if "ours" in answers and "trainer" in answers and answers["ours"][cap] and answers["trainer"][cap]:
-            ratio = f"{answers['ours'][cap] / answers['trainer'][cap]:.1f}x"
-        print(f"| {cap:g} | " + " | ".join(f"{n:,}" if n else "none" for n in longest) + f" | {ratio} |")
-    tried = {"ours": args.ours_lengths, "trainer": args.trainer_lengths}
+        ratios = [
+            f"{answers['ours'][cap] / answers[who][cap]:.1f}x" if answers["ours"][cap] and answers[who][cap] else ""
+            for who in peers
+        ]
+        print(f"| {cap:g} | " + " | ".join([*(f"{n:,}" if n else "none" for n in longest), *ratios]) + " |")
     print("(the lengths tried, until one did not fit: " + "; ".join(f"{who} {tried[who]}" for who in answers) + ")")
 
 
