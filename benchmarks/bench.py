@@ -30,6 +30,9 @@ which on a GPU picks the varlen attention kernel). Tokens/s is measured over the
 --warmup. The table's ratios are to the best Trainer tokens/s and the lowest Trainer peak memory.
 With --lengths guanaco the rows vary in length (median ~300 tokens, tail to --seq-len): Trainer
 pads each batch to its longest row, we pack; tokens/s then counts real tokens only, on both sides.
+Where nvidia-smi exists, each run also reports its samples (every 250 ms) that drew at least half
+the GPU's power limit: the share held at the limit, and their median SM clock. A run at the cap
+(an H200 training an 8B model at 4 x 2048 tokens is, 2026-12-02) takes as long as its energy allows.
 """
 
 import argparse
@@ -37,6 +40,8 @@ import json
 import os
 import random
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -581,18 +586,72 @@ def main() -> None:
         spec = parse_spec(text)
         started = time.perf_counter()
         command = [sys.executable, __file__, "--one", text, *sys.argv[1:]]
-        done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        with PowerSamples() as power:
+            done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         result = json.loads(lines[-1].removeprefix("RESULT ")) if lines else {"error": "no result"}
         if "error" in result:
             result["stderr_tail"] = done.stderr[-6000:]
         result |= {"run": text, "seconds": round(time.perf_counter() - started, 1)}
+        result["power"] = power.summary()
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "stderr_tail"}), flush=True)
         if args.out:
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(result | vars(args) | {"model_dir": str(args.model_dir)}, default=str) + "\n")
     print_table(results, work)
+
+
+# What nvidia-smi samples while a run goes: SM clock (MHz), power draw and limit (W), throttle reasons.
+POWER_QUERY = "clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active"
+SW_POWER_CAP = 0x4  # the throttle reason bit nvidia-smi sets while the driver holds power at the limit
+
+
+class PowerSamples:
+    """nvidia-smi's samples every 250 ms (every GPU) while the block runs, into a temporary file (a pipe
+    would fill and stall it on a long run); `summary()` after the block. None without nvidia-smi."""
+
+    def __enter__(self):
+        self.lines: list[str] = []
+        self.file = tempfile.TemporaryFile("w+")
+        command = ["nvidia-smi", f"--query-gpu={POWER_QUERY}", "--format=csv,noheader,nounits", "-lms", "250"]
+        found = shutil.which("nvidia-smi") is not None
+        self.process = subprocess.Popen(command, stdout=self.file, stderr=subprocess.DEVNULL) if found else None
+        return self
+
+    def __exit__(self, *exception):
+        if self.process:
+            self.process.terminate()
+            self.process.wait()
+        self.file.seek(0)
+        self.lines = self.file.read().splitlines()
+        self.file.close()
+
+    def summary(self) -> dict | None:
+        return power_summary(self.lines) if self.process else None
+
+
+def power_summary(lines: list[str]) -> dict | None:
+    """Of the samples where a GPU drew at least half its power limit (training, not loading): how
+    many, the share held at the limit (the power-cap throttle bit set), and their median SM clock and
+    power. At the cap a step takes as long as its energy allows, whatever its kernels' times."""
+    busy = []
+    for line in lines:
+        fields = [field.strip() for field in line.split(",")]
+        try:
+            clock, power, limit, reasons = float(fields[0]), float(fields[1]), float(fields[2]), int(fields[3], 16)
+        except (IndexError, ValueError):  # a header, a blank, or [N/A] on GPUs that do not report it
+            continue
+        if power >= limit / 2:
+            busy.append((clock, power, bool(reasons & SW_POWER_CAP)))
+    if not busy:
+        return None
+    return {
+        "samples": len(busy),
+        "at_power_cap": round(sum(capped for *_, capped in busy) / len(busy), 2),
+        "sm_clock_mhz": statistics.median(clock for clock, *_ in busy),
+        "power_w": statistics.median(power for _, power, _ in busy),
+    }
 
 
 def unsloth_key(run: str) -> tuple:
@@ -616,12 +675,12 @@ def print_table(results: list[dict], work: float) -> None:
     best_unsloth = max(unsloth.values(), key=lambda r: r["tokens_per_s"], default=None)
     print(
         "\n| run | GPUs | tokens/s | steps' tokens/s | MFU | peak GiB | peak GiB by GPU | x Trainer tokens/s "
-        "| x Trainer memory | x Unsloth tokens/s | x Unsloth memory |"
-        "\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| x Trainer memory | x Unsloth tokens/s | x Unsloth memory | at power cap, SM clock |"
+        "\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for r in results:
         if "error" in r:
-            print(f"| {r['run']} | failed: see its error | | | | | | | | | |")
+            print(f"| {r['run']} | failed: see its error | | | | | | | | | | |")
             continue
         spec = parse_spec(r["run"])
         gpus = spec["processes"] if not spec["split"] else torch.cuda.device_count()
@@ -638,10 +697,13 @@ def print_table(results: list[dict], work: float) -> None:
         peer_memory = f"{r['peak_gib'] / peer['peak_gib']:.2f}" if peer else "n/a"
         steps = "-".join(f"{value:,}" for value in r.get("step_spread") or [])  # slowest-fastest step
         row = [r["run"], gpus, f"{r['tokens_per_s']:,.0f}", steps, mfu, f"{r['peak_gib']:.1f}", by_gpu, rate, memory]
-        row += [peer_rate, peer_memory]
+        drawn = r.get("power")
+        at_cap = f"{drawn['at_power_cap']:.0%}, {drawn['sm_clock_mhz']:,.0f} MHz" if drawn else ""
+        row += [peer_rate, peer_memory, at_cap]
         print("| " + " | ".join(str(cell) for cell in row) + " |")
     print(f"(MFU numerator: {work / 1e9:.1f} GFLOP per token, modules.tracking.training_flops_per_token;")
-    print(" the denominator is the peak of one GPU per process: a split run uses its GPUs one after another)")
+    print(" the denominator is the peak of one GPU per process: a split run uses its GPUs one after another;")
+    print(" power: nvidia-smi's samples drawing at least half the power limit, the share at the cap, median clock)")
 
 
 if __name__ == "__main__":
