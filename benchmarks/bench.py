@@ -32,7 +32,7 @@ With --lengths guanaco the rows vary in length (median ~300 tokens, tail to --se
 pads each batch to its longest row, we pack; tokens/s then counts real tokens only, on both sides.
 Where nvidia-smi exists, each run also reports its samples (every 250 ms) that drew at least half
 the GPU's power limit: the share held at the limit, and their median SM clock. A run at the cap
-(an H200 training an 8B model at 4 x 2048 tokens is, 2026-12-02) takes as long as its energy allows.
+(as an H200 was, training the 8B shape at 4 x 2048 tokens, 2026-12-02) takes as long as its energy allows.
 """
 
 import argparse
