@@ -258,8 +258,10 @@ def run_ours(spec: dict, args, data: Path) -> dict:
     }
 
 
-def run_unsloth(spec: dict, args, data: Path) -> dict:
-    """Unsloth's patched model on the same rows in a plain PyTorch loop, timed step by step."""
+def unsloth_model(model_dir: Path, max_seq_length: int, dropout: float, recompute: str):
+    """Unsloth's patched model and tokenizer: NF4 + double quant, LoRA r 16 / alpha 32 on all 7
+    projections, its checkpointing for `recompute` (gc, nogc, or offload: its own offloaded one), in
+    training mode."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # from_pretrained makes no call
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     import torch
@@ -267,19 +269,27 @@ def run_unsloth(spec: dict, args, data: Path) -> dict:
     from unsloth import FastLanguageModel
 
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=str(args.model_dir), max_seq_length=args.seq_len, dtype=torch.bfloat16, load_in_4bit=True
+        model_name=str(model_dir), max_seq_length=max_seq_length, dtype=torch.bfloat16, load_in_4bit=True
     )
     model = FastLanguageModel.get_peft_model(
         model,
         r=16,
         lora_alpha=32,
-        lora_dropout=spec["dropout"],
+        lora_dropout=dropout,
         target_modules=PROJECTIONS,
         bias="none",
-        use_gradient_checkpointing={"gc": True, "nogc": False, "offload": "unsloth"}[spec["recompute"]],
+        use_gradient_checkpointing={"gc": True, "nogc": False, "offload": "unsloth"}[recompute],
         random_state=0,
     )
     model.train()
+    return model, tokenizer
+
+
+def run_unsloth(spec: dict, args, data: Path) -> dict:
+    """Unsloth's patched model on the same rows in a plain PyTorch loop, timed step by step."""
+    import torch
+
+    model, tokenizer = unsloth_model(args.model_dir, args.seq_len, spec["dropout"], spec["recompute"])
     # Stepped as our loop steps: fused AdamW, batches copied from pinned memory without waiting, and
     # no host wait inside the loop; each step is timed on the GPU's timeline by CUDA events.
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -22,7 +22,6 @@ for the first length tried.
 import argparse
 import gc
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -130,28 +129,9 @@ def trainer_step(model_dir: Path):
 
 
 def unsloth_step(model_dir: Path, recompute: str, longest: int):
-    """One optimizer step of Unsloth's patched model (bench.run_unsloth's setup) on one row of `length`
-    random tokens."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # from_pretrained makes no call
-    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-    import unsloth  # noqa: F401  (before transformers, which it patches)
-    from unsloth import FastLanguageModel
-
-    model, _ = FastLanguageModel.from_pretrained(
-        model_name=str(model_dir), max_seq_length=longest, dtype=torch.bfloat16, load_in_4bit=True
-    )
-    checkpointing = "unsloth" if recompute == "offload" else True
-    model = FastLanguageModel.get_peft_model(
-        model,
-        r=16,
-        lora_alpha=32,
-        lora_dropout=0.05,
-        target_modules=bench.PROJECTIONS,
-        bias="none",
-        use_gradient_checkpointing=checkpointing,
-        random_state=0,
-    )
-    model.train()
+    """One optimizer step of Unsloth's patched model (bench.unsloth_model, dropout 0.05 as ours) on one
+    row of `length` random tokens."""
+    model, _ = bench.unsloth_model(model_dir, longest, 0.05, recompute)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0, fused=True)
     vocab = model.config.vocab_size
@@ -167,7 +147,7 @@ def unsloth_step(model_dir: Path, recompute: str, longest: int):
     def reset() -> None:
         optimizer.zero_grad(set_to_none=True)
 
-    return step, reset, f"Unsloth: FastLanguageModel, sdpa, use_gradient_checkpointing={checkpointing!r}"
+    return step, reset, f"Unsloth: FastLanguageModel, sdpa, recompute {recompute}"
 
 
 def host_peak() -> int:
@@ -215,13 +195,14 @@ def probe(
             fits = True
         except torch.OutOfMemoryError:
             fits = False
+        seconds = time.perf_counter() - started
         result = {
             "who": who,
             "length": length,
             "fits": fits,
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else 0.0,
-            "seconds": round(time.perf_counter() - started, 1),
-            "tokens_per_s": round(length / (time.perf_counter() - started)) if fits else None,
+            "seconds": round(seconds, 1),
+            "tokens_per_s": round(length / seconds) if fits else None,
             "pinned_host_gib": round(host_peak() / 2**30, 2) if gpu else 0.0,
             "setup": setup,
         }

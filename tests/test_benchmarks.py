@@ -5,8 +5,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import bench  # noqa: E402
 
-# nvidia-smi --query-gpu=clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active
-# --format=csv,noheader,nounits, as an H200 printed them (2026-12-02): idle, loading, training at the cap.
+# Lines in the format of nvidia-smi --query-gpu=clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active
+# --format=csv,noheader,nounits, with clocks and powers an H200 showed (2026-12-02): idle, loading,
+# training at the cap and below it, and a GPU that reports nothing.
 SAMPLES = [
     "1980, 125.82, 700.00, 0x0000000000000000",
     "1980, 290.10, 700.00, 0x0000000000000000",
