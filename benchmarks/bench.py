@@ -296,7 +296,7 @@ def run_unsloth(spec: dict, args, data: Path) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0, fused=True)
     rows = [json.loads(line)["text"] for line in data.read_text().splitlines()]
     ids = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in rows]
-    tokens, losses, ends = [], [], []
+    tokens, ends = [], []
     profiler = unsloth_profiler(args)
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.Event(enable_timing=True)
@@ -317,7 +317,6 @@ def run_unsloth(spec: dict, args, data: Path) -> dict:
         ends.append(torch.cuda.Event(enable_timing=True))
         ends[-1].record()
         tokens.append(int(mask.sum()))
-        losses.append(loss.detach())
         if profiler:
             profiler.step()
     torch.cuda.synchronize()
@@ -333,7 +332,7 @@ def run_unsloth(spec: dict, args, data: Path) -> dict:
         "step_spread": spread([count / took for count, took in zip(tokens, times, strict=True)][args.warmup :]),
         "mfu": None,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "final_loss": losses[-1].item(),
+        "final_loss": loss.item(),  # the last step's
     }
 
 
